@@ -1,0 +1,88 @@
+"""Wire payloads shared by the executor service and the sandbox server.
+
+Field names and defaults are a compatibility contract with existing trainers (see
+docs/protocol.md): add fields, never rename or remove them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+def new_call_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ToolCall(BaseModel):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    # The old service required an id; a missing one is generated so results can still be matched.
+    uniq_id: str = Field(default_factory=new_call_id)
+
+
+class ToolResult(BaseModel):
+    success: bool
+    output: str = ""
+    error: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    uniq_id: str | None = None
+
+
+class ArtifactReadResponse(BaseModel):
+    success: bool
+    content: str = ""
+    error: str = ""
+    encoding: Literal["text", "base64"] = "text"
+    truncated: bool = False
+    bytes: int = 0
+    file_size: int | None = None
+    path: str = ""
+    mime: str | None = None
+    sha256: str | None = None
+
+
+class ArtifactEntry(BaseModel):
+    path: str
+    is_dir: bool
+    size: int
+    mtime: float
+
+
+class ArtifactListResponse(BaseModel):
+    success: bool
+    entries: list[ArtifactEntry] = Field(default_factory=list)
+    truncated: bool = False
+    error: str = ""
+
+
+class ArtifactArchiveResponse(BaseModel):
+    success: bool
+    content: str = ""
+    error: str = ""
+    encoding: Literal["base64"] = "base64"
+    format: Literal["tar.gz"] = "tar.gz"
+    bytes: int = 0
+    entry_count: int = 0
+
+
+class ArtifactReadFields(BaseModel):
+    path: str
+    encoding: Literal["text", "base64"] = "text"
+    max_bytes: int | None = Field(default=None, ge=0)
+    include_sha256: bool = False
+
+
+class ArtifactListFields(BaseModel):
+    path: str = "."
+    recursive: bool = False
+    max_entries: int | None = Field(default=None, ge=0)
+
+
+class ArtifactArchiveFields(BaseModel):
+    path: str = "."
+    format: Literal["tar.gz", "tgz"] = "tar.gz"
+    max_bytes: int | None = Field(default=None, ge=0)
+    max_entries: int | None = Field(default=None, ge=0)

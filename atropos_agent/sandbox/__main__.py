@@ -1,0 +1,90 @@
+"""``python -m atropos_agent.sandbox`` / ``atropos-sandbox``: run one sandbox server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from atropos_agent.sandbox.isolation import IsolationUnavailable
+from atropos_agent.sandbox.server import create_app
+from atropos_agent.sandbox.settings import SandboxSettings
+
+FLAGS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
+    ("--port", "port", int, "port (default 8080; NOMAD_PORT_http when set)"),
+    ("--slots", "slots", int, "number of slots (default 10)"),
+    (
+        "--data-dir",
+        "data_dir",
+        str,
+        "where workspaces live (default $NOMAD_ALLOC_DIR/data or a temp dir)",
+    ),
+    ("--isolation", "isolation", str, "bwrap (default) or none (no sandbox: development only)"),
+    (
+        "--default-timeout",
+        "default_timeout_s",
+        float,
+        "seconds a command may run when none is asked",
+    ),
+    ("--max-timeout", "max_timeout_s", float, "largest timeout honoured, seconds (default 600)"),
+    ("--memory-mb", "memory_mb", int, "address space per command (default 2048)"),
+    ("--max-processes", "max_processes", int, "processes per slot (default 256)"),
+    ("--max-output-bytes", "max_output_bytes", int, "output kept per command, head + tail"),
+    ("--max-file-bytes", "max_file_bytes", int, "largest file read or write (default 5 MiB)"),
+    ("--disk-mb", "disk_mb", int, "workspace + /tmp bound per slot (default 1024)"),
+    ("--max-request-bytes", "max_request_bytes", int, "largest request body (default 32 MiB)"),
+    ("--slot-uid-base", "slot_uid_base", int, "first host uid for slots when run as root"),
+]
+
+
+def parse_args(argv: list[str] | None) -> tuple[dict[str, Any], str]:
+    parser = argparse.ArgumentParser(
+        prog="atropos-sandbox",
+        description="Sandbox server: S isolated slots behind HTTP. Every flag also reads "
+        "ATROPOS_SANDBOX_<NAME> from the environment or a .env file; the shared token is "
+        "read from ATROPOS_SANDBOX_TOKEN only, so that it never shows in a process list.",
+    )
+    for flag, dest, kind, text in FLAGS:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    network = parser.add_mutually_exclusive_group()
+    network.add_argument(
+        "--allow-network",
+        dest="allow_network",
+        action="store_true",
+        default=None,
+        help="commands may use the network (default)",
+    )
+    network.add_argument(
+        "--no-network",
+        dest="allow_network",
+        action="store_false",
+        help="commands get only a private loopback interface",
+    )
+    parser.add_argument("--log-level", default="info")
+    args = vars(parser.parse_args(argv))
+    log_level = args.pop("log_level")
+    return {key: value for key, value in args.items() if value is not None}, log_level
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides, log_level = parse_args(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings = SandboxSettings(**overrides)
+    except ValidationError as exc:
+        sys.exit(f"atropos-sandbox: invalid setting: {exc}")
+    app = create_app(settings)
+    try:
+        app.state.sandbox.prepare()
+    except (IsolationUnavailable, RuntimeError) as exc:
+        sys.exit(f"atropos-sandbox: cannot start: {exc}")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""How a slot's agent is launched: under bubblewrap, or (only when asked for) without isolation.
+
+There is no silent fallback: in ``bwrap`` mode the server refuses to start when bubblewrap does
+not work here, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atropos_agent.sandbox.settings import SandboxSettings
+
+AGENT_PATH_IN_SLOT = "/run/atropos/agent.py"
+WORKSPACE_IN_SLOT = "/workspace"
+# System directories a command sees, read-only. Merged-/usr hosts have symlinks for most.
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+# The identity commands have inside the slot's user namespace (not root: no capabilities).
+UID_IN_SLOT = 1000
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class IsolationUnavailable(RuntimeError):
+    """bubblewrap cannot create a sandbox on this host."""
+
+
+@dataclass(frozen=True)
+class SlotPaths:
+    root: Path
+    workspace: Path
+    tmp: Path
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    uid: int | None
+    cwd: str
+
+
+def host_uid_for(settings: SandboxSettings, index: int) -> int | None:
+    """A distinct unprivileged uid per slot when we are root; otherwise our own uid."""
+    return settings.slot_uid_base + index if os.geteuid() == 0 else None
+
+
+def agent_config(settings: SandboxSettings, paths: SlotPaths) -> dict[str, Any]:
+    isolated = settings.isolation == "bwrap"
+    root = WORKSPACE_IN_SLOT if isolated else str(paths.workspace)
+    tmp = "/tmp" if isolated else str(paths.tmp)
+    return {
+        "root": root,
+        "scratch": [tmp],
+        "shell": settings.slot_shell(),
+        "python": settings.slot_python(),
+        "max_output_bytes": settings.max_output_bytes,
+        "max_file_bytes": settings.max_file_bytes,
+        "disk_bytes": settings.disk_bytes,
+        "max_processes": settings.max_processes,
+        "memory_bytes": settings.memory_bytes,
+        "env": {
+            "PATH": PATH,
+            "HOME": root,
+            "TMPDIR": tmp,
+            "LANG": "C.UTF-8",
+            "TERM": "dumb",
+            "USER": "sandbox",
+        },
+    }
+
+
+def system_mounts() -> list[str]:
+    args: list[str] = []
+    for directory in SYSTEM_DIRS:
+        if os.path.islink(directory):
+            args += ["--symlink", os.readlink(directory), directory]
+        elif os.path.isdir(directory):
+            args += ["--ro-bind", directory, directory]
+    return args
+
+
+def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) -> list[str]:
+    bwrap = shutil.which("bwrap") or "bwrap"
+    network = [] if settings.allow_network else ["--unshare-net"]
+    return [
+        bwrap,
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        *network,
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        *system_mounts(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--bind",
+        str(paths.workspace),
+        WORKSPACE_IN_SLOT,
+        "--bind",
+        str(paths.tmp),
+        "/tmp",
+        "--ro-bind",
+        str(agent_file),
+        AGENT_PATH_IN_SLOT,
+        "--chdir",
+        WORKSPACE_IN_SLOT,
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        PATH,
+        "--uid",
+        str(UID_IN_SLOT),
+        "--gid",
+        str(UID_IN_SLOT),
+        "--hostname",
+        "sandbox",
+    ]
+
+
+def launch_for(settings: SandboxSettings, index: int, paths: SlotPaths, agent_file: Path) -> Launch:
+    config = json.dumps(agent_config(settings, paths))
+    python = settings.slot_python()
+    uid = host_uid_for(settings, index)
+    if settings.isolation == "bwrap":
+        argv = [
+            *bwrap_prefix(settings, paths, agent_file),
+            python,
+            "-I",
+            "-S",
+            AGENT_PATH_IN_SLOT,
+            config,
+        ]
+    else:
+        argv = [python, "-I", "-S", str(agent_file), config]
+    return Launch(argv=argv, uid=uid, cwd=str(paths.workspace))
+
+
+def probe_bwrap(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) -> None:
+    """Start one throw-away sandbox with the exact flags slots use; raise with a fix if it fails."""
+    if shutil.which("bwrap") is None:
+        raise IsolationUnavailable(
+            "bubblewrap is not installed: install it (apt-get install bubblewrap), "
+            "or start with --isolation none to run commands WITHOUT isolation (unsafe)"
+        )
+    argv = [*bwrap_prefix(settings, paths, agent_file), "/bin/sh", "-c", "exit 0"]
+    uid = host_uid_for(settings, 0)
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={},
+            user=uid,
+            group=uid,
+            extra_groups=[] if uid is not None else None,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise IsolationUnavailable(f"bubblewrap could not be run: {exc}") from exc
+    if done.returncode != 0:
+        raise IsolationUnavailable(
+            f"bubblewrap does not work here (exit {done.returncode}: {done.stderr.strip()}). "
+            "It needs unprivileged user namespaces: check `sysctl user.max_user_namespaces` "
+            "(> 0) and, on Debian/Ubuntu, `sysctl kernel.unprivileged_userns_clone=1` or the "
+            "AppArmor userns restriction; inside Docker run the container privileged or with "
+            "seccomp and AppArmor profiles that allow unshare/mount (see docs/operations.md). "
+            "Or start with --isolation none to run commands WITHOUT isolation (unsafe)."
+        )

@@ -1,0 +1,258 @@
+"""The sandbox server: the HTTP face of one container (or local child process) with S slots.
+
+Routes are thin: they validate, find the slot, and hand the call to it (``slot.py``); the work
+itself happens inside the slot's agent (``agent.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import stat
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from atropos_agent import __version__
+from atropos_agent.sandbox import agent
+from atropos_agent.sandbox.isolation import SlotPaths, host_uid_for, probe_bwrap
+from atropos_agent.sandbox.protocol import (
+    PROTOCOL_VERSION,
+    SANDBOX_TOOLS,
+    BatchItem,
+    SlotArtifactArchiveRequest,
+    SlotArtifactListRequest,
+    SlotArtifactReadRequest,
+    SlotArtifactRequest,
+    SlotRequest,
+)
+from atropos_agent.sandbox.settings import SandboxSettings
+from atropos_agent.sandbox.slot import Slot, SlotBusy
+from atropos_agent.web import (
+    BearerAuthMiddleware,
+    BodyLimitMiddleware,
+    error_response,
+    install_error_handlers,
+)
+
+log = logging.getLogger("atropos.sandbox")
+
+ARTIFACT_TIMEOUT_S = 60.0
+
+
+def check_traversable(path: Path) -> None:
+    """Slots run as other uids: every directory above the data dir must let them pass."""
+    for parent in [path, *path.parents]:
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            raise RuntimeError(
+                f"data dir {path} is out of reach of the slots' uids: {parent} has mode "
+                f"{stat.S_IMODE(parent.stat().st_mode):o}; run `chmod o+x {parent}` or choose "
+                "another --data-dir"
+            )
+
+
+class Sandbox:
+    """All slots of this server, and the files they share (data dir, agent script)."""
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.owns_data_dir = settings.data_dir is None
+        self.data_dir = Path(
+            settings.data_dir or tempfile.mkdtemp(prefix="atropos-sandbox-")
+        ).resolve()
+        self.agent_file = self.data_dir / "runtime" / "agent.py"
+        self.slots: dict[str, Slot] = {}
+        self.prepared = False
+        self.started_at = time.time()
+
+    def prepare(self) -> None:
+        """Lay out the data dir and check isolation works; raises with a fix when it does not."""
+        if self.prepared:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o711)
+        if host_uid_for(self.settings, 0) is not None:
+            check_traversable(self.data_dir)
+        (self.data_dir / "slots").mkdir(exist_ok=True)
+        (self.data_dir / "slots").chmod(0o711)
+        runtime = self.agent_file.parent
+        runtime.mkdir(exist_ok=True)
+        runtime.chmod(0o755)
+        # The agent runs under the slot's own python3 and uid: give it a readable copy.
+        shutil.copyfile(agent.__file__, self.agent_file)
+        self.agent_file.chmod(0o644)
+        self.settings.slot_python()
+        if self.settings.isolation == "bwrap":
+            probe_dir = self.data_dir / "probe"
+            paths = SlotPaths(root=probe_dir, workspace=probe_dir / "w", tmp=probe_dir / "t")
+            for directory in (paths.workspace, paths.tmp):
+                directory.mkdir(parents=True, exist_ok=True)
+            try:
+                probe_bwrap(self.settings, paths, self.agent_file)
+            finally:
+                shutil.rmtree(probe_dir, ignore_errors=True)
+        else:
+            log.warning(
+                "event=isolation_disabled isolation=none message='commands run WITHOUT a sandbox'"
+            )
+        self.slots = {
+            f"slot_{i}": Slot(i, self.settings, self.data_dir, self.agent_file)
+            for i in range(self.settings.slots)
+        }
+        self.prepared = True
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.prepare)
+        await asyncio.gather(*(slot.start() for slot in self.slots.values()))
+        log.info(
+            "event=sandbox_ready slots=%d isolation=%s data_dir=%s",
+            len(self.slots),
+            self.settings.isolation,
+            self.data_dir,
+        )
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(slot.stop() for slot in self.slots.values()), return_exceptions=True)
+        if self.owns_data_dir:
+            await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+    def slot(self, slot_id: str) -> Slot:
+        found = self.slots.get(slot_id)
+        if found is None:
+            raise HTTPException(
+                404,
+                f"unknown slot {slot_id!r}: this sandbox has slot_0..slot_{len(self.slots) - 1}",
+            )
+        return found
+
+    def timeout_for(self, requested: float | None) -> float:
+        return min(requested or self.settings.default_timeout_s, self.settings.max_timeout_s)
+
+    async def run_batch(self, items: list[BatchItem]) -> list[dict[str, Any]]:
+        """Run items grouped by slot: in order within a slot, slots in parallel."""
+        problems = []
+        for position, item in enumerate(items):
+            if item.slot_id not in self.slots:
+                raise HTTPException(
+                    404,
+                    f"item {position}: unknown slot {item.slot_id!r}: this "
+                    f"sandbox has slot_0..slot_{len(self.slots) - 1}",
+                )
+            if item.tool not in SANDBOX_TOOLS:
+                problems.append(f"item {position}: unknown tool {item.tool!r}")
+        if problems:
+            raise HTTPException(
+                400, "; ".join(problems) + f" (tools: {', '.join(sorted(SANDBOX_TOOLS))})"
+            )
+        by_slot: dict[str, list[int]] = defaultdict(list)
+        for position, item in enumerate(items):
+            by_slot[item.slot_id].append(position)
+        results: list[dict[str, Any]] = [{} for _ in items]
+
+        async def run_slot(slot_id: str, positions: list[int]) -> None:
+            requests = []
+            for position in positions:
+                item = items[position]
+                timeout = self.timeout_for(item.timeout)
+                requests.append(
+                    (
+                        {"op": "tool", "tool": item.tool, "args": item.args, "timeout": timeout},
+                        timeout,
+                    )
+                )
+            answers = await self.slots[slot_id].call_many(requests)
+            for position, answer in zip(positions, answers, strict=True):
+                answer["execution_id"] = items[position].execution_id
+                answer.setdefault("metadata", {})["slot_id"] = slot_id
+                results[position] = answer
+
+        if len(by_slot) == 1:
+            ((slot_id, positions),) = by_slot.items()
+            await run_slot(slot_id, positions)
+        else:
+            await asyncio.gather(*(run_slot(s, p) for s, p in by_slot.items()))
+        return results
+
+    async def artifact(self, op: str, request: SlotArtifactRequest) -> dict[str, Any]:
+        slot = self.slot(request.slot_id)
+        fields = request.model_dump(exclude={"slot_id"})
+        return await slot.call({"op": op, **fields}, ARTIFACT_TIMEOUT_S)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "slots": len(self.slots),
+            "busy_slots": sum(1 for slot in self.slots.values() if slot.busy),
+            "isolation": self.settings.isolation,
+            "network": self.settings.allow_network,
+            "version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+
+def create_app(settings: SandboxSettings | None = None) -> FastAPI:
+    settings = settings or SandboxSettings()
+    sandbox = Sandbox(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await sandbox.start()
+        try:
+            yield
+        finally:
+            await sandbox.stop()
+
+    app = FastAPI(title="atropos sandbox server", version=__version__, lifespan=lifespan)
+    app.state.sandbox = sandbox
+    install_error_handlers(app)
+
+    @app.exception_handler(SlotBusy)
+    async def slot_busy(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(503, str(exc), headers={"Retry-After": "1"})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return sandbox.health()
+
+    @app.get("/slots")
+    async def slots() -> dict[str, Any]:
+        return {"slots": [slot.describe() for slot in sandbox.slots.values()]}
+
+    @app.post("/batch")
+    async def batch(items: list[BatchItem]) -> JSONResponse:
+        return JSONResponse(await sandbox.run_batch(items))
+
+    @app.post("/execute")
+    async def execute(item: BatchItem) -> JSONResponse:
+        return JSONResponse((await sandbox.run_batch([item]))[0])
+
+    @app.post("/reset")
+    async def reset(request: SlotRequest) -> dict[str, Any]:
+        await sandbox.slot(request.slot_id).reset()
+        return {"status": "ok", "slot_id": request.slot_id}
+
+    @app.post("/artifacts/read")
+    async def artifacts_read(request: SlotArtifactReadRequest) -> JSONResponse:
+        return JSONResponse(await sandbox.artifact("artifact_read", request))
+
+    @app.post("/artifacts/list")
+    async def artifacts_list(request: SlotArtifactListRequest) -> JSONResponse:
+        return JSONResponse(await sandbox.artifact("artifact_list", request))
+
+    @app.post("/artifacts/archive")
+    async def artifacts_archive(request: SlotArtifactArchiveRequest) -> JSONResponse:
+        return JSONResponse(await sandbox.artifact("artifact_archive", request))
+
+    token = settings.token.get_secret_value() if settings.token else None
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BearerAuthMiddleware, token=token, open_paths={"/health"})
+    return app

@@ -1,0 +1,90 @@
+"""Sandbox server settings: flags override environment (``ATROPOS_SANDBOX_*``) and ``.env``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def default_data_dir() -> Path | None:
+    """Under Nomad the allocation directory holds the workspaces; elsewhere a temp dir."""
+    alloc_dir = os.environ.get("NOMAD_ALLOC_DIR")
+    return Path(alloc_dir) / "data" if alloc_dir else None
+
+
+class SandboxSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ATROPOS_SANDBOX_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    host: str = "127.0.0.1"
+    # Nomad hands each allocation its port in NOMAD_PORT_http; it wins over our own variable.
+    port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("port", "NOMAD_PORT_http", "ATROPOS_SANDBOX_PORT"),
+    )
+    slots: int = Field(default=10, ge=1, le=4096)
+    data_dir: Path | None = Field(default_factory=default_data_dir)
+    isolation: Literal["bwrap", "none"] = "bwrap"
+    allow_network: bool = True
+    token: SecretStr | None = None
+
+    default_timeout_s: float = Field(default=30.0, gt=0)
+    max_timeout_s: float = Field(default=600.0, gt=0)
+    memory_mb: int = Field(default=2048, ge=64, description="address space per command")
+    max_processes: int = Field(default=256, ge=8, description="processes per slot")
+    max_output_bytes: int = Field(default=64 * 1024, ge=256)
+    max_file_bytes: int = Field(default=5 * MIB, ge=1024)
+    disk_mb: int = Field(default=1024, ge=1, description="workspace + /tmp per slot")
+    max_request_bytes: int = Field(default=32 * MIB, ge=1024)
+    max_pending_per_slot: int = Field(default=1024, ge=1)
+
+    # When the server runs as root, slot N runs as uid slot_uid_base + N: its own process
+    # count, and no access to another slot's files even outside the mount namespace.
+    slot_uid_base: int = Field(default=200_000, ge=1000)
+    python: str | None = Field(default=None, description="python3 for the slot agent")
+    shell: str | None = Field(default=None, description="shell for commands (bash, else sh)")
+
+    @model_validator(mode="after")
+    def check_limits(self) -> SandboxSettings:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("default_timeout_s must not exceed max_timeout_s")
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb * MIB
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk_mb * MIB
+
+    def slot_python(self) -> str:
+        """The interpreter the slot agent (and the ``python`` tool) runs with."""
+        candidates = (
+            [self.python] if self.python else ["/usr/bin/python3", "/usr/local/bin/python3"]
+        )
+        for candidate in candidates:
+            if candidate and os.access(candidate, os.X_OK):
+                return candidate
+        raise RuntimeError(
+            f"no python3 for the slot agent (looked for {', '.join(map(str, candidates))}): "
+            "install python3 (apt-get install python3) or set ATROPOS_SANDBOX_PYTHON"
+        )
+
+    def slot_shell(self) -> str:
+        if self.shell:
+            return self.shell
+        return shutil.which("bash", path="/usr/bin:/bin") or "/bin/sh"

@@ -1,0 +1,254 @@
+"""One slot as the sandbox server sees it: its agent process, its queue, its workspace.
+
+Calls to a slot run one at a time in the order received (an ``asyncio.Lock`` is FIFO);
+different slots run in parallel. A slot whose agent dies or stops answering is killed whole
+(every process in it) and started again on the next call; its workspace files are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from atropos_agent.sandbox.isolation import Launch, SlotPaths, host_uid_for, launch_for
+from atropos_agent.sandbox.settings import SandboxSettings
+
+log = logging.getLogger("atropos.sandbox")
+
+FRAME_HEADER = struct.Struct(">I")
+AGENT_START_TIMEOUT_S = 20.0
+# Time the agent gets beyond a command's own timeout to kill it and answer.
+AGENT_GRACE_S = 15.0
+# Time an agent gets to clean up after it is asked to stop, before it is killed.
+AGENT_STOP_TIMEOUT_S = 3.0
+
+
+class SlotBusy(Exception):
+    """Too many calls are already waiting for this slot."""
+
+
+class AgentLost(Exception):
+    """The slot's agent died or stopped answering."""
+
+
+def prepare_dir(path: Path, uid: int | None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if uid is not None:
+        os.chown(path, uid, uid)
+    os.chmod(path, 0o700)
+
+
+def wipe_dir(path: Path) -> None:
+    """Remove everything below ``path``, including entries a command made unwritable."""
+
+    def make_writable_and_retry(func: Any, target: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            os.chmod(target, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            func(target)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def kill_uid_processes(uid: int) -> None:
+    """Kill every process of a slot's own uid (``none`` mode has no pid namespace to do it)."""
+    for _ in range(50):
+        found = False
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                owner = os.stat(f"/proc/{name}").st_uid
+            except OSError:
+                continue
+            if owner == uid:
+                found = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(name), signal.SIGKILL)
+        if not found:
+            return
+        time.sleep(0.01)
+
+
+class Slot:
+    def __init__(self, index: int, settings: SandboxSettings, data_dir: Path, agent_file: Path):
+        self.index = index
+        self.slot_id = f"slot_{index}"
+        self.settings = settings
+        self.agent_file = agent_file
+        root = data_dir / "slots" / self.slot_id
+        self.paths = SlotPaths(root=root, workspace=root / "workspace", tmp=root / "tmp")
+        self.uid = host_uid_for(settings, index)
+        self.lock = asyncio.Lock()
+        self.process: asyncio.subprocess.Process | None = None
+        self.pending = 0
+        self.busy = False
+        self.calls = 0
+        self.restarts = 0
+        self.started_at: float | None = None
+        # Set when the agent was lost, so the next call can say its processes are gone.
+        self.lost_reason: str | None = None
+
+    # ---- life cycle
+
+    async def start(self) -> None:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.paths.root, 0o711)
+        prepare_dir(self.paths.workspace, self.uid)
+        prepare_dir(self.paths.tmp, self.uid)
+        launch = launch_for(self.settings, self.index, self.paths, self.agent_file)
+        self.process = await self._spawn(launch)
+        try:
+            ready = await asyncio.wait_for(self._receive(), AGENT_START_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            await self._kill()
+            raise RuntimeError(
+                f"{self.slot_id}: the slot agent did not start ({type(exc).__name__}); "
+                "see the server log for its error output"
+            ) from exc
+        if not ready.get("ready"):
+            await self._kill()
+            raise RuntimeError(f"{self.slot_id}: unexpected first message from agent: {ready}")
+        self.started_at = time.time()
+        log.debug("event=slot_started slot=%s pid=%s", self.slot_id, self.process.pid)
+
+    async def _spawn(self, launch: Launch) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *launch.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=launch.cwd,
+            env={},
+            start_new_session=True,
+            user=launch.uid,
+            group=launch.uid,
+            extra_groups=[] if launch.uid is not None else None,
+            limit=1 << 20,
+        )
+
+    async def stop(self) -> None:
+        """Ask the agent to kill its processes and exit; kill the slot whole if it lingers."""
+        process = self.process
+        if process is None:
+            return
+        if process.returncode is None and process.stdin is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._send({"op": "shutdown"})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), AGENT_STOP_TIMEOUT_S)
+        await self._kill()
+
+    async def _kill(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.returncode is None:
+            # Under bubblewrap, killing the outer process ends the pid namespace and so every
+            # process in the slot (--die-with-parent on the namespace's init).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        if self.settings.isolation == "none" and self.uid is not None:
+            await asyncio.to_thread(kill_uid_processes, self.uid)
+
+    async def reset(self) -> None:
+        """Kill every process of the slot, wipe its workspace and /tmp, start it as new."""
+        async with self.lock:
+            await self.stop()
+            await asyncio.to_thread(wipe_dir, self.paths.workspace)
+            await asyncio.to_thread(wipe_dir, self.paths.tmp)
+            self.lost_reason = None
+            await self.start()
+
+    # ---- calls
+
+    async def call(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        return (await self.call_many([(request, timeout_s)]))[0]
+
+    async def call_many(self, requests: list[tuple[dict[str, Any], float]]) -> list[dict[str, Any]]:
+        """Run requests back to back, holding the slot so no other caller interleaves."""
+        if self.pending + len(requests) > self.settings.max_pending_per_slot:
+            raise SlotBusy(
+                f"{self.slot_id} already has {self.pending} calls waiting "
+                f"(limit {self.settings.max_pending_per_slot})"
+            )
+        self.pending += len(requests)
+        try:
+            async with self.lock:
+                self.busy = True
+                try:
+                    return [await self._call_locked(request, t) for request, t in requests]
+                finally:
+                    self.busy = False
+        finally:
+            self.pending -= len(requests)
+
+    async def _call_locked(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        restarted_because = None
+        if self.process is None or self.process.returncode is not None:
+            restarted_because = self.lost_reason
+            if self.process is not None:
+                await self._kill()
+            await self.start()
+            self.lost_reason = None
+        self.calls += 1
+        try:
+            await self._send(request)
+            result = await asyncio.wait_for(self._receive(), timeout_s + AGENT_GRACE_S)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            reason = "stopped answering" if isinstance(exc, TimeoutError) else "died"
+            log.warning("event=agent_lost slot=%s reason=%s", self.slot_id, reason)
+            await self._kill()
+            self.restarts += 1
+            self.lost_reason = f"the slot's agent {reason} during an earlier call"
+            return {
+                "success": False,
+                "output": "",
+                "error": (
+                    f"{self.slot_id}: the slot's agent {reason} during this call (a command may "
+                    "have killed it); every process of the slot was stopped, workspace files "
+                    "are kept, and the next call starts the slot again"
+                ),
+                "metadata": {"slot_lost": True},
+            }
+        if restarted_because:
+            result.setdefault("metadata", {})["slot_restarted"] = restarted_because
+        return result
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        body = json.dumps(message, separators=(",", ":")).encode()
+        self.process.stdin.write(FRAME_HEADER.pack(len(body)) + body)
+        if len(body) > 65536:
+            await self.process.stdin.drain()
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdout is not None
+        header = await self.process.stdout.readexactly(FRAME_HEADER.size)
+        (length,) = FRAME_HEADER.unpack(header)
+        body = await self.process.stdout.readexactly(length)
+        message: dict[str, Any] = json.loads(body)
+        return message
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "slot_id": self.slot_id,
+            "busy": self.busy,
+            "pending": self.pending,
+            "calls": self.calls,
+            "restarts": self.restarts,
+            "pid": self.process.pid if self.process else None,
+            "alive": self.process is not None and self.process.returncode is None,
+            "started_at": self.started_at,
+        }

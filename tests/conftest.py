@@ -1,0 +1,154 @@
+"""Fixtures that start real sandbox servers (real bubblewrap, real slot agents) on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class SandboxServer:
+    """A running ``python -m atropos_agent.sandbox`` and an authenticated client for it."""
+
+    process: subprocess.Popen[str]
+    port: int
+    data_dir: Path
+    log_path: Path
+    token: str | None
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run(self, slot: str, tool: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """Run one tool call through ``POST /execute`` and return the result."""
+        item: dict[str, Any] = {"slot_id": slot, "tool": tool, "args": args}
+        if timeout is not None:
+            item["timeout"] = timeout
+        response = self.client.post("/execute", json=item)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def sh(self, slot: str, command: str, timeout: float | None = None) -> dict[str, Any]:
+        return self.run(slot, "terminal", timeout=timeout, command=command)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_sandbox(
+    tmp: Path, *, slots: int = 4, token: str | None = TOKEN, args: list[str] | None = None,
+    env: dict[str, str] | None = None, wait: bool = True,
+) -> SandboxServer:
+    port = free_port()
+    data_dir = tmp / "data"
+    log_path = tmp / "server.log"
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("ATROPOS_SANDBOX_TOKEN", None)
+    if token:
+        full_env["ATROPOS_SANDBOX_TOKEN"] = token
+    argv = [sys.executable, "-m", "atropos_agent.sandbox", "--port", str(port),
+            "--slots", str(slots), "--data-dir", str(data_dir), *(args or [])]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   text=True)
+    server = SandboxServer(process, port, data_dir, log_path, token)
+    if wait:
+        wait_until_healthy(server)
+    return server
+
+
+def wait_until_healthy(server: SandboxServer, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"sandbox server exited early:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"sandbox server not healthy after {timeout_s}s:\n{server.log()}")
+
+
+def make_tmp() -> Path:
+    # Slots run as other uids: the data dir's parents must be traversable (pytest's are 0700).
+    path = Path(tempfile.mkdtemp(prefix="atropos-test-"))
+    path.chmod(0o711)
+    return path
+
+
+@pytest.fixture
+def sandbox_factory() -> Iterator[Callable[..., SandboxServer]]:
+    """Start sandbox servers with chosen settings; all are stopped after the test."""
+    started: list[SandboxServer] = []
+
+    def factory(**kwargs: Any) -> SandboxServer:
+        server = start_sandbox(make_tmp(), **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxServer]:
+    """One shared server with default settings for a test module."""
+    server = start_sandbox(make_tmp(), slots=4)
+    yield server
+    server.stop()
+
+
+def host_processes_matching(text: str) -> list[str]:
+    """Command lines of host processes containing ``text`` (the test process excluded)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            raw = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+        if text in cmdline:
+            found.append(cmdline)
+    return found
