@@ -86,3 +86,36 @@ class ArtifactArchiveFields(BaseModel):
     format: Literal["tar.gz", "tgz"] = "tar.gz"
     max_bytes: int | None = Field(default=None, ge=0)
     max_entries: int | None = Field(default=None, ge=0)
+
+
+class ExecuteRequest(BaseModel):
+    trajectory_id: str = Field(min_length=1)
+    tool: ToolCall
+    timeout_s: float | None = None
+
+
+class ExecuteBatchRequest(BaseModel):
+    """New: many calls, possibly of many trajectories, in one request."""
+
+    calls: list[ExecuteRequest]
+
+
+class ExecuteBatchResponse(BaseModel):
+    results: list[ToolResult]
+
+
+class ReleaseRequest(BaseModel):
+    trajectory_id: str
+    reset_workspace: bool = False
+
+
+class ArtifactReadRequest(ArtifactReadFields):
+    trajectory_id: str
+
+
+class ArtifactListRequest(ArtifactListFields):
+    trajectory_id: str
+
+
+class ArtifactArchiveRequest(ArtifactArchiveFields):
+    trajectory_id: str

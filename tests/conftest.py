@@ -45,7 +45,9 @@ class SandboxServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def run(self, slot: str, tool: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+    def run(
+        self, slot: str, tool: str, timeout: float | None = None, **args: Any
+    ) -> dict[str, Any]:
         """Run one tool call through ``POST /execute`` and return the result."""
         item: dict[str, Any] = {"slot_id": slot, "tool": tool, "args": args}
         if timeout is not None:
@@ -73,8 +75,13 @@ class SandboxServer:
 
 
 def start_sandbox(
-    tmp: Path, *, slots: int = 4, token: str | None = TOKEN, args: list[str] | None = None,
-    env: dict[str, str] | None = None, wait: bool = True,
+    tmp: Path,
+    *,
+    slots: int = 4,
+    token: str | None = TOKEN,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
 ) -> SandboxServer:
     port = free_port()
     data_dir = tmp / "data"
@@ -83,11 +90,22 @@ def start_sandbox(
     full_env.pop("ATROPOS_SANDBOX_TOKEN", None)
     if token:
         full_env["ATROPOS_SANDBOX_TOKEN"] = token
-    argv = [sys.executable, "-m", "atropos_agent.sandbox", "--port", str(port),
-            "--slots", str(slots), "--data-dir", str(data_dir), *(args or [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "atropos_agent.sandbox",
+        "--port",
+        str(port),
+        "--slots",
+        str(slots),
+        "--data-dir",
+        str(data_dir),
+        *(args or []),
+    ]
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   text=True)
+        process = subprocess.Popen(
+            argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, text=True
+        )
     server = SandboxServer(process, port, data_dir, log_path, token)
     if wait:
         wait_until_healthy(server)

@@ -1,0 +1,17 @@
+"""Backends: how sandboxes are started, found and stopped."""
+
+from __future__ import annotations
+
+from atropos_agent.backends.base import Backend, BackendError
+from atropos_agent.config import ExecutorSettings
+
+
+def create_backend(settings: ExecutorSettings) -> Backend:
+    if settings.backend == "local":
+        from atropos_agent.backends.local import LocalBackend
+
+        return LocalBackend(settings)
+    raise BackendError(
+        f"backend {settings.backend!r} is not available in this version; use "
+        "TOOL_EXECUTOR_BACKEND=local"
+    )

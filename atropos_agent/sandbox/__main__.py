@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
@@ -66,9 +68,28 @@ def parse_args(argv: list[str] | None) -> tuple[dict[str, Any], str]:
         help="commands get only a private loopback interface",
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process (the executor that started us) dies",
+    )
     args = vars(parser.parse_args(argv))
     log_level = args.pop("log_level")
+    parent_pid = args.pop("parent_pid")
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     return {key: value for key, value in args.items() if value is not None}, log_level
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Get SIGTERM when the parent dies, so a killed executor leaves no sandbox behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        sys.exit("atropos-sandbox: parent process is gone")
 
 
 def main(argv: list[str] | None = None) -> None:

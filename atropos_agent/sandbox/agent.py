@@ -15,29 +15,26 @@ to the host's init. That is how a timeout kills *everything* a command started.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import ctypes
-import gzip
-import hashlib
-import io
 import json
-import mimetypes
 import os
 import resource
 import selectors
-import shlex
 import signal
 import stat
 import struct
 import sys
-import tarfile
 import time
-from typing import Any
+
+# Every slot runs one agent, so its idle size matters: modules only some calls need (archives,
+# hashing, mime types) are imported on first use, and typing only for the type checker.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FRAME_HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_DUMPABLE = 4
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # How often a running command's disk use is measured against the slot's bound.
 DISK_POLL_S = 0.25
@@ -130,16 +127,24 @@ def process_table() -> dict[int, tuple[int, int, str]]:
     return table
 
 
-def reap_children() -> None:
-    """Collect exit statuses of re-parented orphans so they do not linger as zombies."""
+def reap_children(keep: int = -1) -> None:
+    """Collect exit statuses of re-parented orphans so they do not linger as zombies.
+
+    ``keep`` is a running command's own process: its status is left for the caller, and
+    reaping stops when it is the next one to collect (the command is then ending anyway).
+    """
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if pid == 0:
+        if info is None or info.si_pid == keep:
             return
-        SHELL.forget_if(pid)
+        try:
+            os.waitpid(info.si_pid, 0)
+        except ChildProcessError:
+            pass
+        SHELL.forget_if(info.si_pid)
 
 
 def start_ticks(pid: int) -> int:
@@ -251,6 +256,8 @@ class Slot:
         self.max_processes = int(config["max_processes"])
         self.memory_limit = int(config["memory_bytes"])
         self.env = {str(k): str(v) for k, v in config["env"].items()}
+        # Readable when a child of the agent exited (SIGCHLD wakeup fd; see apply_limits).
+        self.child_exited_r = -1
 
     def disk_usage(self) -> int:
         used = 0
@@ -371,6 +378,8 @@ class Slot:
         selector = selectors.DefaultSelector()
         selector.register(out_r, selectors.EVENT_READ, "out")
         selector.register(pidfd, selectors.EVENT_READ, "exit")
+        if self.child_exited_r >= 0:
+            selector.register(self.child_exited_r, selectors.EVENT_READ, "child")
         if done_r >= 0:
             selector.register(done_r, selectors.EVENT_READ, "done")
         pending = memoryview(stdin_data)
@@ -405,6 +414,13 @@ class Slot:
                     elif key.data == "exit":
                         exited = True
                         selector.unregister(pidfd)
+                    elif key.data == "child":
+                        # Orphans that exited count against RLIMIT_NPROC until reaped.
+                        try:
+                            os.read(self.child_exited_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        reap_children(keep=pid)
                     elif key.data == "done":
                         chunk = os.read(done_r, 64)
                         status_line += chunk
@@ -613,6 +629,9 @@ class Slot:
     # ---- artifacts
 
     def artifact_read(self, req: dict[str, Any]) -> dict[str, Any]:
+        import base64
+        import mimetypes
+
         encoding = req.get("encoding") or "text"
         if encoding not in ("text", "base64"):
             raise ToolError("'encoding' must be 'text' or 'base64'")
@@ -621,6 +640,8 @@ class Slot:
         data, size, truncated = self.read_bytes(real, limit)
         sha = None
         if req.get("include_sha256"):
+            import hashlib
+
             digest = hashlib.sha256()
             with open(real, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
@@ -678,6 +699,11 @@ class Slot:
         return {"success": True, "entries": entries, "truncated": truncated, "error": ""}
 
     def artifact_archive(self, req: dict[str, Any]) -> dict[str, Any]:
+        import base64
+        import gzip
+        import io
+        import tarfile
+
         fmt = req.get("format") or "tar.gz"
         if fmt not in ("tar.gz", "tgz"):
             raise ToolError("'format' must be 'tar.gz' or 'tgz'")
@@ -698,16 +724,18 @@ class Slot:
                     or stat.S_ISLNK(info.st_mode)
                 ):
                     continue
+                arcname = os.path.relpath(path, real)
+                if arcname == ".":
+                    # The archived directory itself is not an entry; a single file is one.
+                    if stat.S_ISDIR(info.st_mode):
+                        continue
+                    arcname = os.path.basename(real)
                 count += 1
                 if count > max_entries:
                     raise ToolError(
                         f"archive would hold more than {max_entries} entries; "
                         "raise max_entries or archive a subdirectory"
                     )
-                arcname = os.path.relpath(path, real)
-                if arcname == ".":
-                    count -= 1
-                    continue
                 member = archive.gettarinfo(path, arcname)
                 member.uid = member.gid = 0
                 member.uname = member.gname = ""
@@ -792,7 +820,7 @@ class StatefulShell:
             self.start(slot)
         since = boottime_ticks()
         script = (
-            f"eval {shlex.quote(command)} </dev/null\nprintf '%s\\n' \"$?\" >&{self.status_fd}\n"
+            f"eval {shell_quote(command)} </dev/null\nprintf '%s\\n' \"$?\" >&{self.status_fd}\n"
         )
         try:
             os.write(self.stdin_w, script.encode())
@@ -838,8 +866,10 @@ class StatefulShell:
         killed = 0
         if self.pid > 0:
             killed = kill_command_tree(self.pid, since)
-            with contextlib.suppress(ChildProcessError):
+            try:
                 os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass  # already reaped while its tree was killed
         self.close()
         return killed
 
@@ -848,6 +878,11 @@ SHELL = StatefulShell()
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def shell_quote(text: str) -> str:
+    """POSIX single-quoting: safe for any text without NUL bytes."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def failure(message: str, **metadata: Any) -> dict[str, Any]:
@@ -935,9 +970,22 @@ def apply_limits(slot: Slot) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # A write past RLIMIT_FSIZE then fails with EFBIG in the agent instead of killing it.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Orphans re-parented to the agent stay zombies, counted against RLIMIT_NPROC, until
+    # reaped: SIGCHLD wakes the supervision loop so a long command that keeps starting
+    # short-lived daemons does not run out of processes. (Commands' handlers reset on exec.)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    slot.child_exited_r = wake_r
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise SystemExit(f"agent: cannot become a child subreaper: errno {ctypes.get_errno()}")
+    # Commands run as the same uid: non-dumpable, the agent cannot be ptraced by them, nor its
+    # pipes to the server opened through /proc. (Each exec'd command is dumpable again.)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SystemExit(f"agent: cannot make itself non-dumpable: errno {ctypes.get_errno()}")
 
 
 def main() -> None:

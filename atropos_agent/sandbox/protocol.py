@@ -14,10 +14,6 @@ from atropos_agent.models import ArtifactArchiveFields, ArtifactListFields, Arti
 
 PROTOCOL_VERSION = 2
 
-SANDBOX_TOOLS = frozenset(
-    {"terminal", "bash", "terminal_stateful", "read_file", "write_file", "edit_file", "python"}
-)
-
 
 class BatchItem(BaseModel):
     slot_id: str

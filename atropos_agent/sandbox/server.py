@@ -7,26 +7,26 @@ itself happens inside the slot's agent (``agent.py``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import stat
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from atropos_agent import __version__
 from atropos_agent.sandbox import agent
 from atropos_agent.sandbox.isolation import SlotPaths, host_uid_for, probe_bwrap
 from atropos_agent.sandbox.protocol import (
     PROTOCOL_VERSION,
-    SANDBOX_TOOLS,
     BatchItem,
     SlotArtifactArchiveRequest,
     SlotArtifactListRequest,
@@ -35,7 +35,8 @@ from atropos_agent.sandbox.protocol import (
     SlotRequest,
 )
 from atropos_agent.sandbox.settings import SandboxSettings
-from atropos_agent.sandbox.slot import Slot, SlotBusy
+from atropos_agent.sandbox.slot import Slot, SlotBusy, wipe_dir
+from atropos_agent.tools.registry import SANDBOX_TOOLS
 from atropos_agent.web import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
@@ -46,6 +47,16 @@ from atropos_agent.web import (
 log = logging.getLogger("atropos.sandbox")
 
 ARTIFACT_TIMEOUT_S = 60.0
+
+
+def batch_failure(item: BatchItem, exc: Exception) -> dict[str, Any]:
+    return {
+        "success": False,
+        "output": "",
+        "error": f"{item.slot_id}: {exc}",
+        "execution_id": item.execution_id,
+        "metadata": {"slot_id": item.slot_id},
+    }
 
 
 def check_traversable(path: Path) -> None:
@@ -72,6 +83,8 @@ class Sandbox:
         self.slots: dict[str, Slot] = {}
         self.prepared = False
         self.started_at = time.time()
+        # Batches still running after their caller left: awaited on shutdown.
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def prepare(self) -> None:
         """Lay out the data dir and check isolation works; raises with a fix when it does not."""
@@ -81,7 +94,9 @@ class Sandbox:
         self.data_dir.chmod(0o711)
         if host_uid_for(self.settings, 0) is not None:
             check_traversable(self.data_dir)
-        (self.data_dir / "slots").mkdir(exist_ok=True)
+        # Workspaces left by an earlier run of this server belong to leases that are gone.
+        wipe_dir(self.data_dir / "slots")
+        (self.data_dir / "slots").mkdir()
         (self.data_dir / "slots").chmod(0o711)
         runtime = self.agent_file.parent
         runtime.mkdir(exist_ok=True)
@@ -120,6 +135,10 @@ class Sandbox:
         )
 
     async def stop(self) -> None:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5)
+        for task in self.tasks:
+            task.cancel()
         await asyncio.gather(*(slot.stop() for slot in self.slots.values()), return_exceptions=True)
         if self.owns_data_dir:
             await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
@@ -136,8 +155,8 @@ class Sandbox:
     def timeout_for(self, requested: float | None) -> float:
         return min(requested or self.settings.default_timeout_s, self.settings.max_timeout_s)
 
-    async def run_batch(self, items: list[BatchItem]) -> list[dict[str, Any]]:
-        """Run items grouped by slot: in order within a slot, slots in parallel."""
+    def validate(self, items: list[BatchItem]) -> None:
+        """Refuse a batch with an unknown slot (404) or tool (400) before any of it runs."""
         problems = []
         for position, item in enumerate(items):
             if item.slot_id not in self.slots:
@@ -152,6 +171,16 @@ class Sandbox:
             raise HTTPException(
                 400, "; ".join(problems) + f" (tools: {', '.join(sorted(SANDBOX_TOOLS))})"
             )
+
+    async def run_batch(
+        self,
+        items: list[BatchItem],
+        on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run validated items grouped by slot: in order within a slot, slots in parallel.
+
+        ``on_result(position, result)`` is called as each item finishes.
+        """
         by_slot: dict[str, list[int]] = defaultdict(list)
         for position, item in enumerate(items):
             by_slot[item.slot_id].append(position)
@@ -162,17 +191,18 @@ class Sandbox:
             for position in positions:
                 item = items[position]
                 timeout = self.timeout_for(item.timeout)
-                requests.append(
-                    (
-                        {"op": "tool", "tool": item.tool, "args": item.args, "timeout": timeout},
-                        timeout,
-                    )
-                )
-            answers = await self.slots[slot_id].call_many(requests)
-            for position, answer in zip(positions, answers, strict=True):
+                request = {"op": "tool", "tool": item.tool, "args": item.args, "timeout": timeout}
+                requests.append((request, timeout))
+
+            def finished(number: int, answer: dict[str, Any]) -> None:
+                position = positions[number]
                 answer["execution_id"] = items[position].execution_id
                 answer.setdefault("metadata", {})["slot_id"] = slot_id
                 results[position] = answer
+                if on_result is not None:
+                    on_result(position, answer)
+
+            await self.slots[slot_id].call_many(requests, finished)
 
         if len(by_slot) == 1:
             ((slot_id, positions),) = by_slot.items()
@@ -180,6 +210,42 @@ class Sandbox:
         else:
             await asyncio.gather(*(run_slot(s, p) for s, p in by_slot.items()))
         return results
+
+    def stream_batch(self, items: list[BatchItem]) -> AsyncIterator[bytes]:
+        """NDJSON lines ``{"index": i, ...result}`` in the order items finish.
+
+        The batch runs in a task owned by the sandbox: a caller that goes away stops reading,
+        but the calls already handed to slots finish normally (their answers are dropped).
+        """
+        finished: asyncio.Queue[tuple[int, dict[str, Any]] | None] = asyncio.Queue()
+        answered: set[int] = set()
+
+        def on_result(position: int, answer: dict[str, Any]) -> None:
+            answered.add(position)
+            finished.put_nowait((position, answer))
+
+        async def run() -> None:
+            try:
+                await self.run_batch(items, on_result)
+            except Exception as exc:  # every item gets an answer, whatever went wrong
+                for position in range(len(items)):
+                    if position not in answered:
+                        finished.put_nowait((position, batch_failure(items[position], exc)))
+            finally:
+                finished.put_nowait(None)
+
+        self.own(asyncio.create_task(run()))
+
+        async def lines() -> AsyncIterator[bytes]:
+            while (entry := await finished.get()) is not None:
+                position, answer = entry
+                yield json.dumps({"index": position, **answer}).encode() + b"\n"
+
+        return lines()
+
+    def own(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def artifact(self, op: str, request: SlotArtifactRequest) -> dict[str, Any]:
         slot = self.slot(request.slot_id)
@@ -229,10 +295,18 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
 
     @app.post("/batch")
     async def batch(items: list[BatchItem]) -> JSONResponse:
+        sandbox.validate(items)
         return JSONResponse(await sandbox.run_batch(items))
+
+    @app.post("/batch/stream")
+    async def batch_stream(items: list[BatchItem]) -> StreamingResponse:
+        """Protocol 2: each result as its own NDJSON line as soon as it is ready."""
+        sandbox.validate(items)
+        return StreamingResponse(sandbox.stream_batch(items), media_type="application/x-ndjson")
 
     @app.post("/execute")
     async def execute(item: BatchItem) -> JSONResponse:
+        sandbox.validate([item])
         return JSONResponse((await sandbox.run_batch([item]))[0])
 
     @app.post("/reset")

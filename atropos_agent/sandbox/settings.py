@@ -33,7 +33,7 @@ class SandboxSettings(BaseSettings):
         default=8080,
         ge=0,
         le=65535,
-        validation_alias=AliasChoices("port", "NOMAD_PORT_http", "ATROPOS_SANDBOX_PORT"),
+        validation_alias=AliasChoices("NOMAD_PORT_http", "ATROPOS_SANDBOX_PORT"),
     )
     slots: int = Field(default=10, ge=1, le=4096)
     data_dir: Path | None = Field(default_factory=default_data_dir)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,15 @@ class Slot:
     async def call(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         return (await self.call_many([(request, timeout_s)]))[0]
 
-    async def call_many(self, requests: list[tuple[dict[str, Any], float]]) -> list[dict[str, Any]]:
-        """Run requests back to back, holding the slot so no other caller interleaves."""
+    async def call_many(
+        self,
+        requests: list[tuple[dict[str, Any], float]],
+        on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run requests back to back, holding the slot so no other caller interleaves.
+
+        ``on_result(i, result)`` is called as each one finishes, for streaming answers.
+        """
         if self.pending + len(requests) > self.settings.max_pending_per_slot:
             raise SlotBusy(
                 f"{self.slot_id} already has {self.pending} calls waiting "
@@ -188,7 +196,12 @@ class Slot:
             async with self.lock:
                 self.busy = True
                 try:
-                    return [await self._call_locked(request, t) for request, t in requests]
+                    results = []
+                    for number, (request, timeout_s) in enumerate(requests):
+                        results.append(await self._call_locked(request, timeout_s))
+                        if on_result is not None:
+                            on_result(number, results[-1])
+                    return results
                 finally:
                     self.busy = False
         finally:
@@ -206,6 +219,12 @@ class Slot:
         try:
             await self._send(request)
             result = await asyncio.wait_for(self._receive(), timeout_s + AGENT_GRACE_S)
+        except asyncio.CancelledError:
+            # The caller went away mid-call: the agent's answer would be read as the answer to
+            # the next call. Restart the slot rather than let two calls get crossed results.
+            await asyncio.shield(self._kill())
+            self.lost_reason = "an earlier call was abandoned by its caller"
+            raise
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             reason = "stopped answering" if isinstance(exc, TimeoutError) else "died"
             log.warning("event=agent_lost slot=%s reason=%s", self.slot_id, reason)

@@ -1,0 +1,32 @@
+# Entry points for people and CI. `make run` and `make test` work on a fresh Debian machine.
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8080
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps run test lint bench
+
+# bubblewrap isolates slots; the slot agent runs on the system's python3; tests use ps.
+system-deps:
+	@if ! command -v bwrap >/dev/null || ! [ -x /usr/bin/python3 ] || ! command -v ps >/dev/null; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq bubblewrap python3 procps; \
+	fi
+
+install: system-deps
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+run: install
+	$(PYTHON) -m atropos_agent.sandbox --host $(HOST) --port $(PORT)
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
+test: install lint
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m benchmarks.sandbox_throughput
+	$(PYTHON) -m benchmarks.slot_memory

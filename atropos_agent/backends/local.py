@@ -1,0 +1,297 @@
+"""The embedded default: sandbox servers as child processes of the executor, on this machine.
+
+Each sandbox is ``python -m atropos_agent.sandbox`` on a loopback port with a per-pool random
+token. A child that dies is started again in its place under a new ``sandbox_id`` (so the pool
+knows its workspaces are gone), with a back-off; one that keeps dying is reported, not retried
+forever. Children get SIGTERM when the executor dies (``--parent-pid``), so none outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from atropos_agent.backends.base import Backend, BackendError, SandboxInfo
+from atropos_agent.config import ExecutorSettings
+
+log = logging.getLogger("atropos.backend.local")
+
+STOP_TIMEOUT_S = 10.0
+# A child that dies this many times within RESTART_WINDOW_S is left down and reported.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    index: int
+    generation: int
+    port: int
+    process: asyncio.subprocess.Process
+    log_path: Path
+    ready: bool = False
+    stopping: bool = False
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def sandbox_id(self) -> str:
+        return f"local-{self.index}-{self.generation}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        self.settings = settings
+        self.token = secrets.token_urlsafe(32)
+        self.owns_data_dir = settings.sandbox_data_dir is None
+        self.data_dir = Path(
+            settings.sandbox_data_dir or tempfile.mkdtemp(prefix="atropos-pool-")
+        ).resolve()
+        self.children: dict[int, Child] = {}
+        self.failed: dict[int, str] = {}
+        self.watchers: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.generation = 0
+
+    # ---- life cycle
+
+    async def start(self, count: int) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o711)
+        results = await asyncio.gather(
+            *(self._start_child(index) for index in range(count)), return_exceptions=True
+        )
+        errors = [str(result) for result in results if isinstance(result, BaseException)]
+        if errors:
+            await self.stop()
+            raise BackendError("local sandboxes failed to start: " + " | ".join(errors))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in self.watchers:
+            task.cancel()
+        await asyncio.gather(*self.watchers, return_exceptions=True)
+        await asyncio.gather(*(self._stop_child(child) for child in list(self.children.values())))
+        self.children.clear()
+        if self.owns_data_dir:
+            await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+    async def sandboxes(self) -> list[SandboxInfo]:
+        return [
+            SandboxInfo(sandbox_id=child.sandbox_id, url=child.url, index=child.index)
+            for child in sorted(self.children.values(), key=lambda c: c.index)
+            if child.ready and not child.stopping
+        ]
+
+    async def scale(self, count: int, idle: Collection[str]) -> None:
+        count = max(self.settings.min_containers, min(count, self.settings.max_containers))
+        running = sorted(self.children.values(), key=lambda c: c.index)
+        if count > len(running):
+            free = [i for i in range(self.settings.max_containers) if i not in self.children]
+            wanted = free[: count - len(running)]
+            log.info("event=scale_up from=%d to=%d", len(running), len(running) + len(wanted))
+            results = await asyncio.gather(
+                *(self._start_child(index) for index in wanted), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    log.error("event=scale_up_failed error=%s", result)
+        elif count < len(running):
+            removable = [c for c in reversed(running) if c.sandbox_id in idle]
+            doomed = removable[: len(running) - count]
+            if doomed:
+                log.info("event=scale_down from=%d to=%d", len(running), len(running) - len(doomed))
+            await asyncio.gather(*(self._stop_child(child) for child in doomed))
+
+    async def replace(self, sandbox_id: str) -> None:
+        for child in list(self.children.values()):
+            if child.sandbox_id == sandbox_id and child.process.returncode is None:
+                log.warning("event=sandbox_replace sandbox=%s", sandbox_id)
+                # The watcher sees the exit and starts a new one in its place.
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "data_dir": str(self.data_dir),
+            "children": [
+                {
+                    "sandbox_id": c.sandbox_id,
+                    "pid": c.process.pid,
+                    "port": c.port,
+                    "ready": c.ready,
+                    "restarts": len(c.restarts),
+                }
+                for c in sorted(self.children.values(), key=lambda c: c.index)
+            ],
+            "failed": self.failed,
+        }
+
+    # ---- children
+
+    def _argv(self, index: int, port: int) -> list[str]:
+        s = self.settings
+        argv = [
+            sys.executable,
+            "-m",
+            "atropos_agent.sandbox",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--slots",
+            str(s.slots),
+            "--data-dir",
+            str(self.data_dir / f"sandbox-{index}"),
+            "--isolation",
+            s.sandbox_isolation,
+            "--slot-uid-base",
+            str(s.sandbox_slot_uid_base + index * s.slots),
+            "--memory-mb",
+            str(s.sandbox_memory_mb),
+            "--max-processes",
+            str(s.sandbox_max_processes),
+            "--max-output-bytes",
+            str(s.sandbox_max_output_bytes),
+            "--max-file-bytes",
+            str(s.sandbox_max_file_bytes),
+            "--disk-mb",
+            str(s.sandbox_disk_mb),
+            "--max-request-bytes",
+            str(s.max_request_bytes),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            "warning",
+            "--allow-network" if s.allow_network else "--no-network",
+        ]
+        return argv
+
+    def _env(self) -> dict[str, str]:
+        # Only what the sandbox server needs: none of the executor's own secrets.
+        env = {key: os.environ[key] for key in ("PATH", "LANG", "PYTHONPATH") if key in os.environ}
+        env["ATROPOS_SANDBOX_TOKEN"] = self.token
+        return env
+
+    async def _start_child(self, index: int, restarts: list[float] | None = None) -> Child:
+        self.generation += 1
+        port = free_port()
+        log_path = self.data_dir / f"sandbox-{index}.log"
+        with open(log_path, "ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *self._argv(index, port),
+                stdout=log_file,
+                stderr=log_file,
+                env=self._env(),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        child = Child(index, self.generation, port, process, log_path, restarts=restarts or [])
+        self.children[index] = child
+        try:
+            await self._wait_ready(child)
+        except BackendError:
+            await self._stop_child(child)
+            raise
+        child.ready = True
+        self.failed.pop(index, None)
+        watcher = asyncio.create_task(self._watch(child), name=f"watch-{child.sandbox_id}")
+        self.watchers.add(watcher)
+        watcher.add_done_callback(self.watchers.discard)
+        log.info(
+            "event=sandbox_started sandbox=%s pid=%d port=%d", child.sandbox_id, process.pid, port
+        )
+        return child
+
+    async def _wait_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + self.settings.sandbox_start_timeout_s
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if child.process.returncode is not None:
+                    raise BackendError(
+                        f"sandbox {child.index} exited with status {child.process.returncode} "
+                        f"while starting:\n{child.log_tail()}"
+                    )
+                try:
+                    if (await client.get(child.url + "/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise BackendError(
+            f"sandbox {child.index} not healthy after {self.settings.sandbox_start_timeout_s}s:"
+            f"\n{child.log_tail()}"
+        )
+
+    async def _watch(self, child: Child) -> None:
+        """Start a child again when it dies unexpectedly (with back-off, up to a limit)."""
+        status = await child.process.wait()
+        if child.stopping or self.stopping:
+            return
+        log.error("event=sandbox_died sandbox=%s status=%s", child.sandbox_id, status)
+        child.ready = False
+        now = time.monotonic()
+        recent = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(recent) > MAX_RESTARTS:
+            self.children.pop(child.index, None)
+            self.failed[child.index] = (
+                f"sandbox {child.index} died {len(recent)} times within {RESTART_WINDOW_S:.0f}s; "
+                f"not restarted. Last output:\n{child.log_tail()}"
+            )
+            log.error("event=sandbox_given_up index=%d", child.index)
+            return
+        await asyncio.sleep(min(0.2 * 2 ** (len(recent) - 1), 5.0))
+        if self.stopping:
+            return
+        try:
+            await self._start_child(child.index, restarts=recent)
+        except BackendError as exc:
+            self.children.pop(child.index, None)
+            self.failed[child.index] = str(exc)
+            log.error("event=sandbox_restart_failed index=%d error=%s", child.index, exc)
+
+    async def _stop_child(self, child: Child) -> None:
+        child.stopping = True
+        child.ready = False
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        process = child.process
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

@@ -1,0 +1,66 @@
+"""``atropos-tool-executor``: ``serve`` runs the executor service, ``sandbox`` a sandbox server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from atropos_agent.config import ExecutorSettings
+
+
+def serve(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="atropos-tool-executor serve",
+        description="Run the executor service. Settings come from TOOL_EXECUTOR_* variables "
+        "and a .env file (see docs/configuration.md); these flags override a few.",
+    )
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--backend", choices=["local", "nomad"], default=None)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        settings = ExecutorSettings(**overrides)
+    except ValidationError as exc:
+        sys.exit(f"atropos-tool-executor: invalid setting: {exc}")
+    from atropos_agent.api.tool_executor_server import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: atropos-tool-executor {serve,sandbox} [options]\n\n"
+            "  serve     run the executor service (trainers talk to this)\n"
+            "  sandbox   run one sandbox server (what each container runs)"
+        )
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        serve(rest)
+    elif command == "sandbox":
+        from atropos_agent.sandbox.__main__ import main as sandbox_main
+
+        sandbox_main(rest)
+    else:
+        sys.exit(f"atropos-tool-executor: unknown command {command!r} (serve, sandbox)")
+
+
+if __name__ == "__main__":
+    main()

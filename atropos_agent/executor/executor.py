@@ -1,0 +1,335 @@
+"""The executor: trajectories, their leases, and where each call goes.
+
+- A trajectory gets a lease on its first sandbox call and keeps its slot until ``/release``
+  or idle expiry.
+- Calls of one trajectory run in submission order (one lock per trajectory); different
+  trajectories never wait for each other, beyond the sandbox they share.
+- A trajectory whose workspace was lost (its sandbox died) or expired gets a clear error on
+  every call until it is released; releasing it clears that, and its next call starts fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from atropos_agent.backends.pool import AcquireTimeout, Lease, Pool
+from atropos_agent.config import MAX_TIMEOUT_S, ExecutorSettings, effective_timeout
+from atropos_agent.executor.batcher import SandboxCallError
+from atropos_agent.models import ToolCall, ToolResult
+from atropos_agent.tools.external import ExternalToolError, ExternalTools
+from atropos_agent.tools.registry import SANDBOX_TOOLS
+
+log = logging.getLogger("atropos.executor")
+
+# How many ended trajectories are remembered, to answer their late calls clearly.
+ENDED_MEMORY = 100_000
+RELEASE_WAIT_S = MAX_TIMEOUT_S + 60.0
+
+
+class QueueFull(Exception):
+    """More calls are in the service than its queue bound allows."""
+
+
+class UnknownTrajectory(Exception):
+    """A release or artifact call named a trajectory that holds no lease."""
+
+
+@dataclass
+class Trajectory:
+    trajectory_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lease: Lease | None = None
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    in_flight: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        lease = self.lease
+        return {
+            "trajectory_id": self.trajectory_id,
+            "sandbox_id": lease.sandbox.sandbox_id if lease else None,
+            "slot_id": lease.slot_id if lease else None,
+            "age_s": round(time.time() - self.created, 3),
+            "idle_s": round(now - self.last_used, 3),
+            "calls": self.calls,
+            "in_flight": self.in_flight,
+        }
+
+
+class LatencyWindow:
+    """The latest N call latencies, for percentiles in /status."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.samples: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+
+    def describe(self) -> dict[str, float]:
+        ordered = sorted(self.samples)
+        if not ordered:
+            return {}
+
+        def at(fraction: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000, 3)
+
+        return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "samples": len(ordered)}
+
+
+class Executor:
+    def __init__(self, settings: ExecutorSettings, pool: Pool, external: ExternalTools) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.external = external
+        self.trajectories: dict[str, Trajectory] = {}
+        self.ended: OrderedDict[str, str] = OrderedDict()
+        self.in_service = 0
+        self.total_requests = 0
+        self.total_errors = 0
+        self.latency = LatencyWindow()
+        self.sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pool.start()
+        await self.external.start()
+        self.sweeper = asyncio.create_task(self._expire_idle(), name="lease-expiry")
+
+    async def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
+        await self.external.stop()
+        await self.pool.stop()
+
+    # ---- calls
+
+    def admit(self, count: int = 1) -> None:
+        """Count calls into the service, refusing beyond the queue bound."""
+        if self.in_service + count > self.settings.max_queue:
+            raise QueueFull(
+                f"{self.in_service} calls in the service (limit {self.settings.max_queue}); "
+                "retry shortly"
+            )
+        self.in_service += count
+
+    async def execute(
+        self, trajectory_id: str, tool: ToolCall, timeout_s: float | None
+    ) -> ToolResult:
+        """One call, already admitted; answered with a ToolResult whatever happens."""
+        started = time.monotonic()
+        self.total_requests += 1
+        try:
+            result = await self._execute(trajectory_id, tool, timeout_s)
+        finally:
+            self.in_service -= 1
+        result.uniq_id = tool.uniq_id
+        if not result.success:
+            self.total_errors += 1
+        self.latency.add(time.monotonic() - started)
+        return result
+
+    async def _execute(
+        self, trajectory_id: str, tool: ToolCall, timeout_s: float | None
+    ) -> ToolResult:
+        timeout = effective_timeout(timeout_s, tool.arguments.get("timeout"))
+        is_sandbox = tool.name in SANDBOX_TOOLS
+        if not is_sandbox and not self.external.has(tool.name):
+            known = sorted(SANDBOX_TOOLS | self.external.names())
+            return failure(f"unknown tool {tool.name!r}; available tools: {', '.join(known)}")
+        trajectory = self.trajectories.get(trajectory_id)
+        if trajectory is None:
+            trajectory = self.trajectories[trajectory_id] = Trajectory(trajectory_id)
+        trajectory.in_flight += 1
+        try:
+            async with trajectory.lock:
+                trajectory.calls += 1
+                if is_sandbox:
+                    return await self._sandbox_call(trajectory, tool, timeout)
+                return await self._external_call(trajectory_id, tool, timeout)
+        finally:
+            trajectory.in_flight -= 1
+            trajectory.last_used = time.monotonic()
+
+    async def _sandbox_call(
+        self, trajectory: Trajectory, tool: ToolCall, timeout: float
+    ) -> ToolResult:
+        ended = self.ended.get(trajectory.trajectory_id)
+        if ended is not None:
+            return failure(ended, workspace_lost=True)
+        if trajectory.lease is None:
+            try:
+                trajectory.lease = await self.pool.acquire(
+                    trajectory.trajectory_id, self.settings.acquire_timeout_s
+                )
+            except AcquireTimeout as exc:
+                return failure(str(exc), acquire_timeout=True)
+        lease = trajectory.lease
+        if lease.lost:
+            return self._lose(trajectory, "its sandbox stopped")
+        item = {
+            "slot_id": lease.slot_id,
+            "tool": tool.name,
+            "args": tool.arguments,
+            "execution_id": tool.uniq_id,
+            "timeout": timeout,
+        }
+        try:
+            answer = await lease.sandbox.batcher.submit(item, timeout)
+        except SandboxCallError as exc:
+            if lease.lost:
+                return self._lose(trajectory, f"its sandbox stopped during this call ({exc})")
+            return failure(f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc}")
+        metadata = answer.get("metadata") or {}
+        metadata.update(sandbox_id=lease.sandbox.sandbox_id, slot_id=lease.slot_id)
+        return ToolResult(
+            success=bool(answer.get("success")),
+            output=answer.get("output", ""),
+            error=answer.get("error", ""),
+            metadata=metadata,
+        )
+
+    def _lose(self, trajectory: Trajectory, why: str) -> ToolResult:
+        message = (
+            f"workspace lost for trajectory {trajectory.trajectory_id!r}: {why}. Its "
+            "files and processes are gone; release the trajectory to start over"
+        )
+        self._end(trajectory, message)
+        return failure(message, workspace_lost=True)
+
+    def _end(self, trajectory: Trajectory, message: str) -> None:
+        if trajectory.lease is not None:
+            self.pool.release(trajectory.lease)
+            trajectory.lease = None
+        self.ended[trajectory.trajectory_id] = message
+        self.ended.move_to_end(trajectory.trajectory_id)
+        while len(self.ended) > ENDED_MEMORY:
+            self.ended.popitem(last=False)
+
+    async def _external_call(
+        self, trajectory_id: str, tool: ToolCall, timeout: float
+    ) -> ToolResult:
+        try:
+            return await self.external.execute(trajectory_id, tool, timeout)
+        except ExternalToolError as exc:
+            return failure(str(exc))
+
+    # ---- release and expiry
+
+    async def release(self, trajectory_id: str, reset_workspace: bool) -> dict[str, Any]:
+        """Waits for a running call of the trajectory, then frees its slot.
+
+        The slot is always reset before another trajectory gets it; ``reset_workspace`` only
+        decides whether the answer waits for that reset.
+        """
+        trajectory = self.trajectories.get(trajectory_id)
+        if trajectory is None:
+            if self.ended.pop(trajectory_id, None) is not None:
+                return {"status": "ok", "released": False, "note": "lease had already ended"}
+            raise UnknownTrajectory(f"unknown trajectory {trajectory_id!r}: it holds no lease")
+        try:
+            await asyncio.wait_for(trajectory.lock.acquire(), RELEASE_WAIT_S)
+        except TimeoutError:
+            raise UnknownTrajectory(f"trajectory {trajectory_id!r} is still busy") from None
+        try:
+            lease, trajectory.lease = trajectory.lease, None
+            if self.trajectories.get(trajectory_id) is trajectory:
+                del self.trajectories[trajectory_id]
+            self.ended.pop(trajectory_id, None)
+            if lease is not None:
+                reset = self.pool.release(lease)
+                if reset_workspace:
+                    await reset
+        finally:
+            trajectory.lock.release()
+        return {"status": "ok", "released": lease is not None}
+
+    async def _expire_idle(self) -> None:
+        expiry = self.settings.lease_idle_expiry_s
+        while True:
+            await asyncio.sleep(min(max(expiry / 4, 0.05), 5.0))
+            cutoff = time.monotonic() - expiry
+            for trajectory in list(self.trajectories.values()):
+                if trajectory.in_flight or trajectory.lock.locked():
+                    continue
+                if trajectory.last_used > cutoff:
+                    continue
+                del self.trajectories[trajectory.trajectory_id]
+                if trajectory.lease is not None:
+                    log.info(
+                        "event=lease_expired trajectory=%s slot=%s",
+                        trajectory.trajectory_id,
+                        trajectory.lease.slot_id,
+                    )
+                    self._end(
+                        trajectory,
+                        (
+                            f"lease of trajectory {trajectory.trajectory_id!r} expired after "
+                            f"{expiry:g}s idle; its workspace was reset. Release the trajectory "
+                            "to start over"
+                        ),
+                    )
+
+    # ---- artifacts
+
+    async def artifact(
+        self, trajectory_id: str, route: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        trajectory = self.trajectories.get(trajectory_id)
+        if trajectory is None or trajectory.lease is None:
+            ended = self.ended.get(trajectory_id)
+            raise UnknownTrajectory(
+                ended
+                or f"unknown trajectory {trajectory_id!r}: it holds "
+                "no lease (make a sandbox call first)"
+            )
+        async with trajectory.lock:
+            lease = trajectory.lease
+            if lease is None or lease.lost:
+                raise UnknownTrajectory(f"workspace lost for trajectory {trajectory_id!r}")
+            trajectory.last_used = time.monotonic()
+            response = await self.pool.client.post(
+                f"{lease.sandbox.info.url}/artifacts/{route}",
+                json={"slot_id": lease.slot_id, **fields},
+                headers={"Authorization": f"Bearer {self.pool.backend.token}"},
+                timeout=120.0,
+            )
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
+            return result
+
+    # ---- reporting
+
+    def describe_trajectories(self, offset: int, limit: int) -> dict[str, Any]:
+        ordered = sorted(self.trajectories.values(), key=lambda t: t.created)
+        page = ordered[offset : offset + limit]
+        return {
+            "total": len(ordered),
+            "offset": offset,
+            "limit": limit,
+            "trajectories": [t.describe() for t in page],
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "queue_size": self.in_service,
+            "total_requests": self.total_requests,
+            "total_errors": self.total_errors,
+            "pool": self.pool.describe(),
+            "leases": sum(1 for t in self.trajectories.values() if t.lease is not None),
+            "trajectories": len(self.trajectories),
+            "latency": self.latency.describe(),
+            "max_queue": self.settings.max_queue,
+        }
+
+
+def failure(message: str, **metadata: Any) -> ToolResult:
+    return ToolResult(success=False, error=message, metadata=metadata)
