@@ -1,7 +1,7 @@
 # Entry points for people and CI. `make run` and `make test` work on a fresh Debian machine.
 PYTHON ?= python3
 HOST ?= 127.0.0.1
-PORT ?= 8080
+PORT ?= 9001
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps run test lint bench
@@ -17,7 +17,7 @@ install: system-deps
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 run: install
-	$(PYTHON) -m atropos_agent.sandbox --host $(HOST) --port $(PORT)
+	$(PYTHON) -m atropos_agent.cli serve --host $(HOST) --port $(PORT)
 
 lint:
 	$(PYTHON) -m ruff check .
@@ -30,3 +30,5 @@ test: install lint
 bench: install
 	$(PYTHON) -m benchmarks.sandbox_throughput
 	$(PYTHON) -m benchmarks.slot_memory
+	$(PYTHON) -m benchmarks.executor_throughput
+	$(PYTHON) -m benchmarks.executor_memory

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from atropos_agent.sandbox.isolation import SlotPaths, bwrap_prefix, host_uid_for
+from atropos_agent.sandbox import uids
+from atropos_agent.sandbox.isolation import SlotPaths, bwrap_prefix
 from atropos_agent.sandbox.settings import SandboxSettings
 from benchmarks.common import free_port, machine_summary, start_process, wait_healthy
 
@@ -54,7 +55,11 @@ async def server_round(client: httpx.AsyncClient, slots: int, calls: int) -> flo
 
 
 async def baseline_round(
-    settings: SandboxSettings, paths: list[SlotPaths], agent: Path, calls: int
+    settings: SandboxSettings,
+    paths: list[SlotPaths],
+    slot_uids: list[int | None],
+    agent: Path,
+    calls: int,
 ) -> float:
     slots = len(paths)
     shell = settings.slot_shell()
@@ -62,7 +67,7 @@ async def baseline_round(
     remaining = [calls]
 
     async def worker(index: int) -> None:
-        uid = host_uid_for(settings, index)
+        uid = slot_uids[index]
         while remaining[0] > 0:
             remaining[0] -= 1
             process = await asyncio.create_subprocess_exec(
@@ -129,11 +134,14 @@ async def main() -> None:
         base_url = f"http://127.0.0.1:{port}"
         await wait_healthy(base_url + "/health", 60, server)
         settings = SandboxSettings(slots=args.slots)
+        # The baseline's sandboxes run as uids of their own, like the server's slots.
+        claimed = uids.claim(settings.slot_uid_base, args.slots) if os.geteuid() == 0 else None
+        slot_uids = [claimed.uid(i) if claimed else None for i in range(args.slots)]
         paths = []
         for index in range(args.slots):
             root = data_dir / "baseline" / f"slot_{index}"
             paths.append(SlotPaths(root=root, workspace=root / "w", tmp=root / "t"))
-            uid = host_uid_for(settings, index)
+            uid = slot_uids[index]
             for directory in (paths[-1].workspace, paths[-1].tmp):
                 directory.mkdir(parents=True)
                 if uid is not None:
@@ -149,7 +157,9 @@ async def main() -> None:
             server_rates, baseline_rates = [], []
             for _ in range(args.rounds):
                 server_rates.append(await server_round(client, args.slots, args.calls))
-                baseline_rates.append(await baseline_round(settings, paths, agent, args.calls))
+                baseline_rates.append(
+                    await baseline_round(settings, paths, slot_uids, agent, args.calls)
+                )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -170,3 +170,125 @@ def host_processes_matching(text: str) -> list[str]:
         if text in cmdline:
             found.append(cmdline)
     return found
+
+
+@dataclass
+class ExecutorServer:
+    """A running ``atropos-tool-executor serve`` (local backend) and a client for it."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    token: str | None
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(
+        self, trajectory: str, name: str, timeout_s: float | None = None, **arguments: Any
+    ) -> dict[str, Any]:
+        """``POST /execute`` one tool call for a trajectory; returns the ToolResult."""
+        body: dict[str, Any] = {
+            "trajectory_id": trajectory,
+            "tool": {"name": name, "arguments": arguments},
+        }
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
+        response = self.client.post("/execute", json=body)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def sh(self, trajectory: str, command: str, timeout_s: float | None = None) -> dict[str, Any]:
+        return self.call(trajectory, "terminal", timeout_s, command=command)
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.client.get("/status").json()
+        return status
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_executor(
+    tmp: Path,
+    *,
+    token: str | None = TOKEN,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> ExecutorServer:
+    """Start the executor; ``env`` holds ``TOOL_EXECUTOR_*`` settings (small pools by default)."""
+    port = free_port()
+    log_path = tmp / "executor.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
+    full_env.update(
+        {
+            "TOOL_EXECUTOR_SLOTS": "4",
+            "TOOL_EXECUTOR_MIN_CONTAINERS": "1",
+            "TOOL_EXECUTOR_MAX_CONTAINERS": "2",
+            "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(tmp / "pool"),
+            "TOOL_EXECUTOR_HEALTH_INTERVAL_S": "0.5",
+        }
+    )
+    if token:
+        full_env["TOOL_EXECUTOR_TOKEN"] = token
+    full_env.update(env or {})
+    argv = [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(port)]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=tmp
+        )
+    server = ExecutorServer(process, port, log_path, token)
+    if wait:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"executor exited early:\n{server.log()}")
+            try:
+                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        server.stop()
+        raise TimeoutError(f"executor not healthy:\n{server.log()}")
+    return server
+
+
+@pytest.fixture
+def executor_factory() -> Iterator[Callable[..., ExecutorServer]]:
+    """Start executors with chosen settings; all are stopped after the test."""
+    started: list[ExecutorServer] = []
+
+    def factory(**kwargs: Any) -> ExecutorServer:
+        server = start_executor(make_tmp(), **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ExecutorServer]:
+    """One shared executor (1..2 sandboxes of 4 slots) for a test module."""
+    server = start_executor(make_tmp())
+    yield server
+    server.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import pytest
+
 from tests.conftest import SandboxServer
 
 CONNECT = (
@@ -63,7 +65,20 @@ def test_slots_run_as_distinct_unprivileged_users(sandbox: SandboxServer) -> Non
             slot: (sandbox.data_dir / "slots" / slot / "workspace").stat().st_uid
             for slot in ("slot_0", "slot_1")
         }
-        assert owners == {"slot_0": 200_000, "slot_1": 200_001}
+        assert owners["slot_0"] >= 200_000
+        assert owners["slot_1"] == owners["slot_0"] + 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-slot uids need a root server")
+def test_servers_on_one_host_claim_disjoint_uids(
+    sandbox: SandboxServer, sandbox_factory: Callable[..., SandboxServer]
+) -> None:
+    """Two servers with the same preferred uid base never share a slot uid."""
+    other = sandbox_factory(slots=2)
+    mine = {p.stat().st_uid for p in (sandbox.data_dir / "slots").glob("*/workspace")}
+    theirs = {p.stat().st_uid for p in (other.data_dir / "slots").glob("*/workspace")}
+    assert len(mine) == 4 and len(theirs) == 2
+    assert not mine & theirs
 
 
 def test_private_pid_namespace_and_tmp(sandbox: SandboxServer) -> None:

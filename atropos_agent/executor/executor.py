@@ -145,19 +145,25 @@ class Executor:
         if not is_sandbox and not self.external.has(tool.name):
             known = sorted(SANDBOX_TOOLS | self.external.names())
             return failure(f"unknown tool {tool.name!r}; available tools: {', '.join(known)}")
-        trajectory = self.trajectories.get(trajectory_id)
-        if trajectory is None:
-            trajectory = self.trajectories[trajectory_id] = Trajectory(trajectory_id)
-        trajectory.in_flight += 1
-        try:
-            async with trajectory.lock:
-                trajectory.calls += 1
-                if is_sandbox:
-                    return await self._sandbox_call(trajectory, tool, timeout)
-                return await self._external_call(trajectory_id, tool, timeout)
-        finally:
-            trajectory.in_flight -= 1
-            trajectory.last_used = time.monotonic()
+        while True:
+            trajectory = self.trajectories.get(trajectory_id)
+            if trajectory is None:
+                trajectory = self.trajectories[trajectory_id] = Trajectory(trajectory_id)
+            trajectory.in_flight += 1
+            try:
+                async with trajectory.lock:
+                    if self.trajectories.get(trajectory_id) is not trajectory:
+                        # Released while this call waited behind the release: run it on the
+                        # trajectory as it is now, not on the released object (a lease taken
+                        # there could never be seen, released or expired).
+                        continue
+                    trajectory.calls += 1
+                    if is_sandbox:
+                        return await self._sandbox_call(trajectory, tool, timeout)
+                    return await self._external_call(trajectory_id, tool, timeout)
+            finally:
+                trajectory.in_flight -= 1
+                trajectory.last_used = time.monotonic()
 
     async def _sandbox_call(
         self, trajectory: Trajectory, tool: ToolCall, timeout: float

@@ -104,7 +104,16 @@ def main(argv: list[str] | None = None) -> None:
         app.state.sandbox.prepare()
     except (IsolationUnavailable, RuntimeError) as exc:
         sys.exit(f"atropos-sandbox: cannot start: {exc}")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False)
+    # The standard event loop: slots start their agents as other uids (user=/group= of
+    # asyncio's subprocess API), which uvloop does not offer.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        loop="asyncio",
+    )
 
 
 if __name__ == "__main__":

@@ -147,11 +147,6 @@ def reap_children(keep: int = -1) -> None:
         SHELL.forget_if(info.si_pid)
 
 
-def start_ticks(pid: int) -> int:
-    entry = process_table().get(pid)
-    return entry[1] if entry else boottime_ticks()
-
-
 def belongs(
     pid: int, table: dict[int, tuple[int, int, str]], root_pid: int, since_ticks: int, me: int
 ) -> bool:
@@ -333,6 +328,8 @@ class Slot:
         self, argv: list[str], timeout: float, stdin_data: bytes | None = None
     ) -> dict[str, Any]:
         started = time.monotonic()
+        # Taken before the spawn: whatever starts from here on belongs to this command.
+        since = boottime_ticks()
         out_r, out_w = os.pipe()
         if stdin_data is None:
             in_r, in_w = os.open(os.devnull, os.O_RDONLY), -1
@@ -354,7 +351,7 @@ class Slot:
             os.close(out_r)
         if outcome.limit_hit:
             # The kill reaps the command too: its exit status is "killed", not a code.
-            killed = kill_command_tree(pid, start_ticks(pid))
+            killed = kill_command_tree(pid, since)
             exit_code = None
         else:
             killed = 0
@@ -473,8 +470,12 @@ class Slot:
                 limit_hit.append("processes")
             if any(marker in lowered for marker in FILE_SIZE_MARKERS):
                 limit_hit.append("disk")
-        if "disk" not in limit_hit and self.disk_usage() > self.disk_limit:
-            limit_hit.append("disk")
+        if self.disk_usage() > self.disk_limit:
+            if "disk" not in limit_hit:
+                limit_hit.append("disk")
+            # A writer left running in the background would go on filling the disk: stop
+            # every process of the slot (the stateful shell restarts on its next call).
+            killed += kill_command_tree(os.getpid(), 0)
         if killed:
             metadata["killed_processes"] = killed
         limit_hit = sorted(set(limit_hit))
@@ -487,7 +488,7 @@ class Slot:
         elif "disk" in limit_hit:
             error = (
                 f"workspace disk limit of {self.disk_limit // (1024 * 1024)} MiB exceeded; "
-                "delete files to continue"
+                "every process of the slot was stopped; delete files to continue"
             )
         elif metadata["exit_code"] not in (0, None):
             error = f"command exited with status {metadata['exit_code']}"

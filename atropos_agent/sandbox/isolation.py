@@ -43,11 +43,6 @@ class Launch:
     cwd: str
 
 
-def host_uid_for(settings: SandboxSettings, index: int) -> int | None:
-    """A distinct unprivileged uid per slot when we are root; otherwise our own uid."""
-    return settings.slot_uid_base + index if os.geteuid() == 0 else None
-
-
 def agent_config(settings: SandboxSettings, paths: SlotPaths) -> dict[str, Any]:
     isolated = settings.isolation == "bwrap"
     root = WORKSPACE_IN_SLOT if isolated else str(paths.workspace)
@@ -126,10 +121,12 @@ def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) 
     ]
 
 
-def launch_for(settings: SandboxSettings, index: int, paths: SlotPaths, agent_file: Path) -> Launch:
+def launch_for(
+    settings: SandboxSettings, uid: int | None, paths: SlotPaths, agent_file: Path
+) -> Launch:
+    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own)."""
     config = json.dumps(agent_config(settings, paths))
     python = settings.slot_python()
-    uid = host_uid_for(settings, index)
     if settings.isolation == "bwrap":
         argv = [
             *bwrap_prefix(settings, paths, agent_file),
@@ -144,7 +141,9 @@ def launch_for(settings: SandboxSettings, index: int, paths: SlotPaths, agent_fi
     return Launch(argv=argv, uid=uid, cwd=str(paths.workspace))
 
 
-def probe_bwrap(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) -> None:
+def probe_bwrap(
+    settings: SandboxSettings, uid: int | None, paths: SlotPaths, agent_file: Path
+) -> None:
     """Start one throw-away sandbox with the exact flags slots use; raise with a fix if it fails."""
     if shutil.which("bwrap") is None:
         raise IsolationUnavailable(
@@ -152,7 +151,6 @@ def probe_bwrap(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) -
             "or start with --isolation none to run commands WITHOUT isolation (unsafe)"
         )
     argv = [*bwrap_prefix(settings, paths, agent_file), "/bin/sh", "-c", "exit 0"]
-    uid = host_uid_for(settings, 0)
     try:
         done = subprocess.run(
             argv,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import stat
 import tempfile
@@ -23,8 +24,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from atropos_agent import __version__
-from atropos_agent.sandbox import agent
-from atropos_agent.sandbox.isolation import SlotPaths, host_uid_for, probe_bwrap
+from atropos_agent.models import (
+    ArtifactArchiveResponse,
+    ArtifactListResponse,
+    ArtifactReadResponse,
+)
+from atropos_agent.sandbox import agent, uids
+from atropos_agent.sandbox.isolation import SlotPaths, probe_bwrap
 from atropos_agent.sandbox.protocol import (
     PROTOCOL_VERSION,
     BatchItem,
@@ -81,6 +87,8 @@ class Sandbox:
         ).resolve()
         self.agent_file = self.data_dir / "runtime" / "agent.py"
         self.slots: dict[str, Slot] = {}
+        # Host uids of the slots (claimed when running as root; None: the server's own uid).
+        self.uid_range: uids.UidRange | None = None
         self.prepared = False
         self.started_at = time.time()
         # Batches still running after their caller left: awaited on shutdown.
@@ -92,7 +100,8 @@ class Sandbox:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o711)
-        if host_uid_for(self.settings, 0) is not None:
+        if os.geteuid() == 0:
+            self.uid_range = uids.claim(self.settings.slot_uid_base, self.settings.slots)
             check_traversable(self.data_dir)
         # Workspaces left by an earlier run of this server belong to leases that are gone.
         wipe_dir(self.data_dir / "slots")
@@ -111,7 +120,7 @@ class Sandbox:
             for directory in (paths.workspace, paths.tmp):
                 directory.mkdir(parents=True, exist_ok=True)
             try:
-                probe_bwrap(self.settings, paths, self.agent_file)
+                probe_bwrap(self.settings, self.uid_for(0), paths, self.agent_file)
             finally:
                 shutil.rmtree(probe_dir, ignore_errors=True)
         else:
@@ -119,7 +128,7 @@ class Sandbox:
                 "event=isolation_disabled isolation=none message='commands run WITHOUT a sandbox'"
             )
         self.slots = {
-            f"slot_{i}": Slot(i, self.settings, self.data_dir, self.agent_file)
+            f"slot_{i}": Slot(i, self.uid_for(i), self.settings, self.data_dir, self.agent_file)
             for i in range(self.settings.slots)
         }
         self.prepared = True
@@ -140,8 +149,13 @@ class Sandbox:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*(slot.stop() for slot in self.slots.values()), return_exceptions=True)
+        if self.uid_range is not None:
+            self.uid_range.release()
         if self.owns_data_dir:
             await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+    def uid_for(self, index: int) -> int | None:
+        return self.uid_range.uid(index) if self.uid_range else None
 
     def slot(self, slot_id: str) -> Slot:
         found = self.slots.get(slot_id)
@@ -314,17 +328,21 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
         await sandbox.slot(request.slot_id).reset()
         return {"status": "ok", "slot_id": request.slot_id}
 
+    # Answers take the artifact response shapes, failures included (success false + error).
     @app.post("/artifacts/read")
-    async def artifacts_read(request: SlotArtifactReadRequest) -> JSONResponse:
-        return JSONResponse(await sandbox.artifact("artifact_read", request))
+    async def artifacts_read(request: SlotArtifactReadRequest) -> ArtifactReadResponse:
+        answer = await sandbox.artifact("artifact_read", request)
+        return ArtifactReadResponse.model_validate(answer)
 
     @app.post("/artifacts/list")
-    async def artifacts_list(request: SlotArtifactListRequest) -> JSONResponse:
-        return JSONResponse(await sandbox.artifact("artifact_list", request))
+    async def artifacts_list(request: SlotArtifactListRequest) -> ArtifactListResponse:
+        answer = await sandbox.artifact("artifact_list", request)
+        return ArtifactListResponse.model_validate(answer)
 
     @app.post("/artifacts/archive")
-    async def artifacts_archive(request: SlotArtifactArchiveRequest) -> JSONResponse:
-        return JSONResponse(await sandbox.artifact("artifact_archive", request))
+    async def artifacts_archive(request: SlotArtifactArchiveRequest) -> ArtifactArchiveResponse:
+        answer = await sandbox.artifact("artifact_archive", request)
+        return ArtifactArchiveResponse.model_validate(answer)
 
     token = settings.token.get_secret_value() if settings.token else None
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from atropos_agent.sandbox.isolation import Launch, SlotPaths, host_uid_for, launch_for
+from atropos_agent.sandbox.isolation import Launch, SlotPaths, launch_for
 from atropos_agent.sandbox.settings import SandboxSettings
 
 log = logging.getLogger("atropos.sandbox")
@@ -83,14 +83,21 @@ def kill_uid_processes(uid: int) -> None:
 
 
 class Slot:
-    def __init__(self, index: int, settings: SandboxSettings, data_dir: Path, agent_file: Path):
+    def __init__(
+        self,
+        index: int,
+        uid: int | None,
+        settings: SandboxSettings,
+        data_dir: Path,
+        agent_file: Path,
+    ):
         self.index = index
         self.slot_id = f"slot_{index}"
         self.settings = settings
         self.agent_file = agent_file
         root = data_dir / "slots" / self.slot_id
         self.paths = SlotPaths(root=root, workspace=root / "workspace", tmp=root / "tmp")
-        self.uid = host_uid_for(settings, index)
+        self.uid = uid
         self.lock = asyncio.Lock()
         self.process: asyncio.subprocess.Process | None = None
         self.pending = 0
@@ -108,7 +115,7 @@ class Slot:
         os.chmod(self.paths.root, 0o711)
         prepare_dir(self.paths.workspace, self.uid)
         prepare_dir(self.paths.tmp, self.uid)
-        launch = launch_for(self.settings, self.index, self.paths, self.agent_file)
+        launch = launch_for(self.settings, self.uid, self.paths, self.agent_file)
         self.process = await self._spawn(launch)
         try:
             ready = await asyncio.wait_for(self._receive(), AGENT_START_TIMEOUT_S)

@@ -1,0 +1,120 @@
+"""Executor memory with 1,024 leased trajectories.
+
+    python -m benchmarks.executor_memory [--trajectories 1024] [--slots 128]
+
+Starts an executor (local backend) with enough slots, leases every trajectory with one
+trivial call, and reads the executor process's own resident memory (RSS, and PSS from
+/proc/PID/smaps_rollup) before and after. The sandboxes' memory is not the executor's and is
+not counted (see benchmarks.slot_memory for a slot's cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import free_port, machine_summary, wait_healthy
+from benchmarks.slot_memory import smaps
+
+TOKEN = "bench-token"
+MIB = 1024 * 1024
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trajectories", type=int, default=1024)
+    parser.add_argument("--slots", type=int, default=128)
+    args = parser.parse_args()
+    sandboxes = math.ceil(args.trajectories / args.slots)
+    data_dir = Path(tempfile.mkdtemp(prefix="atropos-bench-"))
+    data_dir.chmod(0o711)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
+    env.update(
+        {
+            "TOOL_EXECUTOR_TOKEN": TOKEN,
+            "TOOL_EXECUTOR_SLOTS": str(args.slots),
+            "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
+            "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
+            "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
+            "TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S": "600",
+            "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "300",
+        }
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atropos_agent.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}/health", 900, process)
+        before = smaps(process.pid)
+        limits = httpx.Limits(max_connections=256)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=300,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            limits=limits,
+        ) as client:
+            gate = asyncio.Semaphore(256)
+
+            async def lease(number: int) -> None:
+                async with gate:
+                    body = {
+                        "trajectory_id": f"held-{number}",
+                        "tool": {"name": "terminal", "arguments": {"command": "true"}},
+                    }
+                    result = (await client.post("/execute", json=body)).json()
+                    assert result["success"], result
+
+            started = time.perf_counter()
+            await asyncio.gather(*(lease(n) for n in range(args.trajectories)))
+            leased_in = time.perf_counter() - started
+            status = (await client.get("/status")).json()
+            assert status["leases"] == args.trajectories, status["leases"]
+        after = smaps(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+    report = {
+        "benchmark": "executor_memory",
+        "machine": machine_summary(),
+        "command": " ".join(["python -m benchmarks.executor_memory", *sys.argv[1:]]),
+        "trajectories_leased": args.trajectories,
+        "sandboxes": sandboxes,
+        "slots_per_sandbox": args.slots,
+        "executor_rss_mib": {
+            "before": round(before["Rss"] / MIB, 1),
+            "after": round(after["Rss"] / MIB, 1),
+        },
+        "executor_pss_mib": {
+            "before": round(before["Pss"] / MIB, 1),
+            "after": round(after["Pss"] / MIB, 1),
+        },
+        "target_mib": 200,
+        "seconds_to_lease_all": round(leased_in, 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
