@@ -10,6 +10,10 @@ import uvicorn
 from pydantic import ValidationError
 
 from atropos_agent.config import ExecutorSettings
+from atropos_agent.web import describe_settings_error
+
+KEEP_ALIVE_S = 75
+GRACEFUL_SHUTDOWN_S = 15
 
 
 def serve(argv: list[str]) -> None:
@@ -30,7 +34,8 @@ def serve(argv: list[str]) -> None:
     try:
         settings = ExecutorSettings(**overrides)
     except ValidationError as exc:
-        sys.exit(f"atropos-tool-executor: invalid setting: {exc}")
+        reason = describe_settings_error(exc, "TOOL_EXECUTOR_")
+        sys.exit(f"atropos-tool-executor: invalid setting: {reason}")
     from atropos_agent.api.tool_executor_server import create_app
 
     uvicorn.run(
@@ -39,6 +44,11 @@ def serve(argv: list[str]) -> None:
         port=settings.port,
         log_level=args.log_level,
         access_log=False,
+        # Longer than clients' idle keep-alive, so that a client never reuses a connection the
+        # server is closing at that moment (a race that fails the request).
+        timeout_keep_alive=KEEP_ALIVE_S,
+        # On SIGTERM, calls in flight get this long; then the pool is stopped regardless.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -138,3 +139,18 @@ def jsonable(errors: Any) -> Any:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def describe_settings_error(exc: ValidationError, env_prefix: str) -> str:
+    """One line per invalid setting, named as the user sets it (the environment variable)."""
+    lines = []
+    for error in exc.errors():
+        if not error["loc"]:  # a rule across settings: its message names them
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
+        name = field if field.isupper() else env_prefix + field.upper()
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{name}: {error['msg']}{shown}")
+    return "; ".join(lines)

@@ -8,7 +8,9 @@ import platform
 import socket
 import subprocess
 import time
+from typing import Any
 
+import aiohttp
 import httpx
 
 
@@ -55,3 +57,31 @@ def machine_summary() -> str:
         f"{os.cpu_count()} cores ({model}), {memory_gib:.0f} GiB, "
         f"{platform.system()} {platform.release()}"
     )
+
+
+class JsonClient:
+    """A lean JSON-over-HTTP client for load generation.
+
+    aiohttp rather than httpx here: with hundreds of concurrent requests httpx's connection
+    pool costs the load generator a whole core, and the measurement becomes the client's.
+    """
+
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.session = aiohttp.ClientSession(
+            base_url,
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=900),
+        )
+
+    async def post(self, path: str, body: Any) -> Any:
+        async with self.session.post(path, json=body) as response:
+            return await response.json(content_type=None)
+
+    async def get(self, path: str) -> Any:
+        async with self.session.get(path) as response:
+            return await response.json(content_type=None)
+
+    async def close(self) -> None:
+        await self.session.close()

@@ -29,9 +29,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
-
-from benchmarks.common import free_port, machine_summary, wait_healthy
+from benchmarks.common import JsonClient, free_port, machine_summary, wait_healthy
 
 COMMAND = "echo hi"
 TOKEN = "bench-token"
@@ -63,7 +61,8 @@ def start_executor(
             "warning",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=open(data_dir / "executor.log", "wb"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -91,32 +90,38 @@ def start_sandbox(data_dir: Path, slots: int, index: int, port: int) -> subproce
     )
 
 
-async def executor_round(
-    client: httpx.AsyncClient, trajectories: int, calls: int, tag: str
-) -> float:
+async def executor_round(client: JsonClient, trajectories: int, calls: int, tag: str) -> float:
     async def trajectory(number: int) -> None:
         body = {
             "trajectory_id": f"{tag}-{number}",
             "tool": {"name": "terminal", "arguments": {"command": COMMAND}},
         }
         for _ in range(calls):
-            result = (await client.post("/execute", json=body)).json()
+            result = await client.post("/execute", body)
             assert result["success"] and result["output"] == "hi\n", result
 
     started = time.perf_counter()
     await asyncio.gather(*(trajectory(n) for n in range(trajectories)))
     elapsed = time.perf_counter() - started
     await asyncio.gather(
-        *(
-            client.post("/release", json={"trajectory_id": f"{tag}-{n}"})
-            for n in range(trajectories)
-        )
+        *(client.post("/release", {"trajectory_id": f"{tag}-{n}"}) for n in range(trajectories))
     )
+    await wait_pool_idle(client)
     return trajectories * calls / elapsed
 
 
+async def wait_pool_idle(client: JsonClient) -> None:
+    """Released slots are reset in the background: let that finish before measuring more."""
+    for _ in range(600):
+        pool = (await client.get("/status"))["pool"]
+        if pool["free_slots"] == pool["total_slots"]:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the executor's slots were not all free again within 60 s")
+
+
 async def direct_round(
-    clients: list[httpx.AsyncClient], slots: int, trajectories: int, calls: int
+    clients: list[JsonClient], slots: int, trajectories: int, calls: int
 ) -> float:
     async def trajectory(number: int) -> None:
         client = clients[number // slots]
@@ -126,7 +131,7 @@ async def direct_round(
             "args": {"command": COMMAND},
         }
         for _ in range(calls):
-            result = (await client.post("/execute", json=item)).json()
+            result = await client.post("/execute", item)
             assert result["success"] and result["output"] == "hi\n", result
 
     started = time.perf_counter()
@@ -135,12 +140,12 @@ async def direct_round(
 
 
 async def lone_call_p50(
-    client: httpx.AsyncClient, path: str, body: Mapping[str, object], samples: int
+    client: JsonClient, path: str, body: Mapping[str, object], samples: int
 ) -> float:
     timings = []
     for _ in range(samples):
         started = time.perf_counter()
-        result = (await client.post(path, json=body)).json()
+        result = await client.post(path, body)
         timings.append((time.perf_counter() - started) * 1000)
         assert result["success"], result
     return statistics.median(timings)
@@ -164,24 +169,12 @@ async def main() -> None:
     processes += [
         start_sandbox(data_dir, args.slots, i, port) for i, port in enumerate(direct_ports)
     ]
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    limits = httpx.Limits(max_connections=args.trajectories + 16)
     try:
         await wait_healthy(f"http://127.0.0.1:{executor_port}/health", 180, processes[0])
         for port, process in zip(direct_ports, processes[1:], strict=True):
             await wait_healthy(f"http://127.0.0.1:{port}/health", 180, process)
-        executor = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{executor_port}",
-            headers=headers,
-            timeout=120,
-            limits=limits,
-        )
-        direct = [
-            httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=120, limits=limits
-            )
-            for port in direct_ports
-        ]
+        executor = JsonClient(f"http://127.0.0.1:{executor_port}", TOKEN)
+        direct = [JsonClient(f"http://127.0.0.1:{port}", TOKEN) for port in direct_ports]
         # Warm-up: every trajectory leases once, every direct slot runs once.
         await executor_round(executor, args.trajectories, 1, "warm")
         await direct_round(direct, args.slots, args.trajectories, 1)
@@ -204,15 +197,17 @@ async def main() -> None:
                     direct[0], "/execute", lone_direct, args.latency_samples // args.rounds
                 )
             )
+            # The lone trajectory gives its slot back before every trajectory needs one.
+            await executor.post("/release", {"trajectory_id": "lone", "reset_workspace": True})
             executor_rates.append(
                 await executor_round(executor, args.trajectories, args.calls, f"r{round_number}")
             )
             direct_rates.append(
                 await direct_round(direct, args.slots, args.trajectories, args.calls)
             )
-        await executor.aclose()
+        await executor.close()
         for client in direct:
-            await client.aclose()
+            await client.close()
     finally:
         for process in processes:
             process.terminate()

@@ -169,7 +169,7 @@ async def main() -> None:
     report = {
         "benchmark": "sandbox_throughput",
         "machine": machine_summary(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python -m benchmarks.sandbox_throughput", *sys.argv[1:]]),
         "slots": args.slots,
         "calls_per_round": args.calls,
         "rounds": args.rounds,

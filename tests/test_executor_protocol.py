@@ -403,8 +403,8 @@ def test_unknown_tool_is_a_failed_result(executor: ExecutorServer) -> None:
             {"TOOL_EXECUTOR_MIN_CONTAINERS": "5", "TOOL_EXECUTOR_MAX_CONTAINERS": "2"},
             "min_containers",
         ),
-        ({"TOOL_EXECUTOR_BATCH_WINDOW_MS": "abc"}, "batch_window_ms"),
-        ({"TOOL_EXECUTOR_SLOTS": "0"}, "slots"),
+        ({"TOOL_EXECUTOR_BATCH_WINDOW_MS": "abc"}, "tool_executor_batch_window_ms"),
+        ({"TOOL_EXECUTOR_SLOTS": "0"}, "tool_executor_slots"),
     ],
     ids=["min-over-max", "batch-window-abc", "zero-slots"],
 )

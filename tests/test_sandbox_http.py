@@ -519,5 +519,5 @@ def test_invalid_setting_refused(sandbox_factory: Factory, kwargs: Any, setting:
     assert code != 0, log
     assert elapsed < 10, elapsed
     assert "invalid setting" in log
-    assert setting in log
+    assert f"ATROPOS_SANDBOX_{setting.upper()}" in log, log
     assert "Traceback" not in log

@@ -21,7 +21,12 @@ from atropos_agent.backends import create_backend
 from atropos_agent.backends.base import BackendError
 from atropos_agent.backends.pool import Pool
 from atropos_agent.config import ExecutorSettings
-from atropos_agent.executor.executor import Executor, QueueFull, UnknownTrajectory
+from atropos_agent.executor.executor import (
+    Executor,
+    QueueFull,
+    TrajectoryBusy,
+    UnknownTrajectory,
+)
 from atropos_agent.models import (
     ArtifactArchiveRequest,
     ArtifactArchiveResponse,
@@ -80,6 +85,10 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: Exception) -> JSONResponse:
         return error_response(503, str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(TrajectoryBusy)
+    async def trajectory_busy(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(409, str(exc))
 
     @app.exception_handler(UnknownTrajectory)
     async def unknown_trajectory(request: Request, exc: Exception) -> JSONResponse:

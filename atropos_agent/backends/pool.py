@@ -97,7 +97,12 @@ class Pool:
     def __init__(self, settings: ExecutorSettings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
+        # Few idle connections are kept: httpx's pool scans its connections on every request,
+        # and after a burst hundreds of idle ones made a lone call 3x slower. Idle ones are
+        # also dropped before the sandbox server's 60 s keep-alive runs out.
+        limits = httpx.Limits(
+            max_connections=4096, max_keepalive_connections=32, keepalive_expiry=30
+        )
         self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0))
         self.sandboxes: dict[str, PoolSandbox] = {}
         self.retired: set[str] = set()

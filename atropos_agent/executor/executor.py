@@ -36,6 +36,10 @@ class QueueFull(Exception):
     """More calls are in the service than its queue bound allows."""
 
 
+class TrajectoryBusy(Exception):
+    """A release waited for the trajectory's running call longer than it may."""
+
+
 class UnknownTrajectory(Exception):
     """A release or artifact call named a trajectory that holds no lease."""
 
@@ -244,7 +248,10 @@ class Executor:
         try:
             await asyncio.wait_for(trajectory.lock.acquire(), RELEASE_WAIT_S)
         except TimeoutError:
-            raise UnknownTrajectory(f"trajectory {trajectory_id!r} is still busy") from None
+            raise TrajectoryBusy(
+                f"trajectory {trajectory_id!r} still has a call running after "
+                f"{RELEASE_WAIT_S:g}s; retry the release"
+            ) from None
         try:
             lease, trajectory.lease = trajectory.lease, None
             if self.trajectories.get(trajectory_id) is trajectory:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from atropos_agent.sandbox.isolation import IsolationUnavailable
 from atropos_agent.sandbox.server import create_app
 from atropos_agent.sandbox.settings import SandboxSettings
+from atropos_agent.web import describe_settings_error
 
 FLAGS: list[tuple[str, str, type, str]] = [
     ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = SandboxSettings(**overrides)
     except ValidationError as exc:
-        sys.exit(f"atropos-sandbox: invalid setting: {exc}")
+        reason = describe_settings_error(exc, "ATROPOS_SANDBOX_")
+        sys.exit(f"atropos-sandbox: invalid setting: {reason}")
     app = create_app(settings)
     try:
         app.state.sandbox.prepare()
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         log_level=log_level,
         access_log=False,
         loop="asyncio",
+        # Longer than the executor's idle keep-alive (backends/pool.py), so that it never
+        # reuses a connection this server is closing at that moment.
+        timeout_keep_alive=60,
+        timeout_graceful_shutdown=15,
     )
 
 
