@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 9001
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps run test lint bench
+.PHONY: install system-deps run test lint bench images
 
 # bubblewrap isolates slots; the slot agent runs on the system's python3; tests use ps.
 system-deps:
@@ -32,3 +32,8 @@ bench: install
 	$(PYTHON) -m benchmarks.slot_memory
 	$(PYTHON) -m benchmarks.executor_throughput
 	$(PYTHON) -m benchmarks.executor_memory
+
+# The sandbox and executor images (Dockerfile). Needs a Docker engine; not part of `make test`.
+# Tags: SANDBOX_IMAGE, EXECUTOR_IMAGE (see deploy/build-images.sh --help).
+images:
+	deploy/build-images.sh

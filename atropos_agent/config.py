@@ -27,7 +27,10 @@ class ExecutorSettings(BaseSettings):
     )
 
     # ---- the old service's names and defaults
-    nomad_address: str = "http://localhost:4646"
+    nomad_address: str = Field(
+        default="http://localhost:4646",
+        validation_alias=AliasChoices("TOOL_EXECUTOR_NOMAD_ADDRESS", "NOMAD_ADDR"),
+    )
     job_id: str = "atropos-sandbox-tool-executor"
     image: str = "atropos-sandbox:local"
     slots: int = Field(default=10, ge=1, le=1024, description="slots per sandbox")
@@ -65,12 +68,33 @@ class ExecutorSettings(BaseSettings):
     sandbox_disk_mb: int = Field(default=1024, ge=1)
     sandbox_slot_uid_base: int = Field(default=200_000, ge=1000)
 
-    # Nomad connection (the ACL token keeps Nomad's own variable name).
+    # Nomad connection. The ACL token keeps Nomad's own variable name; NOMAD_ADDR is honoured
+    # when TOOL_EXECUTOR_NOMAD_ADDRESS is not set.
     nomad_token: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("NOMAD_TOKEN", "TOOL_EXECUTOR_NOMAD_TOKEN")
     )
     nomad_namespace: str | None = None
     nomad_region: str | None = None
+    nomad_tls_verify: bool = True
+    nomad_ca_cert: Path | None = Field(
+        default=None, validation_alias=AliasChoices("TOOL_EXECUTOR_NOMAD_CA_CERT", "NOMAD_CACERT")
+    )
+    nomad_client_cert: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TOOL_EXECUTOR_NOMAD_CLIENT_CERT", "NOMAD_CLIENT_CERT"),
+    )
+    nomad_client_key: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TOOL_EXECUTOR_NOMAD_CLIENT_KEY", "NOMAD_CLIENT_KEY"),
+    )
+    nomad_timeout_s: float = Field(default=10.0, gt=0, description="per Nomad API request")
+    # The sandbox job (see atropos_agent/backends/nomad_job.py and nomad/sandbox.nomad.hcl).
+    nomad_driver: Literal["docker", "raw_exec"] = "docker"
+    nomad_datacenters: list[str] = Field(default_factory=lambda: ["*"])
+    nomad_cpu_mhz: int = Field(default=1000, ge=100)
+    nomad_memory_mb: int = Field(default=4096, ge=128)
+    nomad_raw_exec_command: str = "python3"
+    nomad_service_name: str = "atropos-sandbox"
 
     @model_validator(mode="after")
     def check_pool_bounds(self) -> ExecutorSettings:

@@ -11,7 +11,8 @@ def create_backend(settings: ExecutorSettings) -> Backend:
         from atropos_agent.backends.local import LocalBackend
 
         return LocalBackend(settings)
-    raise BackendError(
-        f"backend {settings.backend!r} is not available in this version; use "
-        "TOOL_EXECUTOR_BACKEND=local"
-    )
+    if settings.backend == "nomad":
+        from atropos_agent.backends.nomad import NomadBackend
+
+        return NomadBackend(settings)
+    raise BackendError(f"unknown backend {settings.backend!r} (local, nomad)")

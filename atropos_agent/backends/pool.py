@@ -263,12 +263,18 @@ class Pool:
 
     async def _admit(self, info: SandboxInfo) -> None:
         try:
-            response = await self.client.get(info.url + "/health", timeout=HEALTH_TIMEOUT_S)
-            slots = int(response.json()["slots"])
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            response = await self.client.get(
+                info.url + "/slots", headers=self._auth(), timeout=HEALTH_TIMEOUT_S
+            )
+            response.raise_for_status()
+            described = response.json()["slots"]
+            slot_ids = [str(slot["slot_id"]) for slot in described]
+            # A sandbox this executor did not start (a restarted executor taking over a running
+            # Nomad job) may hold workspaces of earlier trajectories: reset those before use.
+            used = [str(slot["slot_id"]) for slot in described if slot.get("calls")]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             log.warning("event=sandbox_not_ready sandbox=%s error=%s", info.sandbox_id, exc)
             return
-        slot_ids = [f"slot_{i}" for i in range(slots)]
         batcher = Batcher(
             info.url,
             self.client,
@@ -276,9 +282,18 @@ class Pool:
             self.settings.batch_window_s,
             self.settings.max_batch_size,
         )
-        self.sandboxes[info.sandbox_id] = PoolSandbox(info, batcher, slot_ids, list(slot_ids))
+        sandbox = PoolSandbox(info, batcher, slot_ids, [s for s in slot_ids if s not in used])
+        self.sandboxes[info.sandbox_id] = sandbox
+        for slot_id in used:
+            sandbox.resetting.add(slot_id)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.own(self._reset_slot(sandbox, slot_id, done), f"reset-{slot_id}")
         log.info(
-            "event=sandbox_admitted sandbox=%s url=%s slots=%d", info.sandbox_id, info.url, slots
+            "event=sandbox_admitted sandbox=%s url=%s slots=%d resetting=%d",
+            info.sandbox_id,
+            info.url,
+            len(slot_ids),
+            len(used),
         )
 
     def retire(self, sandbox: PoolSandbox, reason: str) -> None:
@@ -374,8 +389,11 @@ class Pool:
             return False, "starting"
         live = [s for s in self.sandboxes.values() if not s.lost]
         if not live:
-            reason = self.backend_error or "no sandbox is running"
-            return False, reason
+            return False, self.backend_error or "no sandbox is running"
+        if self.backend_error:
+            # Leases keep working on the sandboxes we have, but nothing can be scaled or
+            # replaced until the backend answers again.
+            return False, f"backend unavailable ({self.backend_error}); {len(live)} sandboxes serve"
         return True, "ok"
 
     def describe(self) -> dict[str, Any]:

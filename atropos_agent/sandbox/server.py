@@ -101,7 +101,11 @@ class Sandbox:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o711)
         if os.geteuid() == 0:
-            self.uid_range = uids.claim(self.settings.slot_uid_base, self.settings.slots)
+            # Allocations of one Nomad job on one client are separate containers that cannot
+            # see each other's claims: their allocation index keeps their ranges apart.
+            alloc_index = int(os.environ.get("NOMAD_ALLOC_INDEX", "0") or 0)
+            preferred = self.settings.slot_uid_base + alloc_index * self.settings.slots
+            self.uid_range = uids.claim(preferred, self.settings.slots)
             check_traversable(self.data_dir)
         # Workspaces left by an earlier run of this server belong to leases that are gone.
         wipe_dir(self.data_dir / "slots")
