@@ -24,8 +24,12 @@ lint:
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
 
+# The executor's end-to-end suite runs twice: on the local backend, and with its pool on the
+# Nomad API double (tests/nomad_double).
 test: install lint
 	$(PYTHON) -m pytest -q
+	TEST_BACKEND=nomad $(PYTHON) -m pytest -q tests/test_executor_leases.py \
+		tests/test_executor_faults.py tests/test_executor_protocol.py
 
 bench: install
 	$(PYTHON) -m benchmarks.sandbox_throughput

@@ -31,6 +31,7 @@ def serve(argv: list[str]) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     try:
         settings = ExecutorSettings(**overrides)
     except ValidationError as exc:

@@ -94,6 +94,9 @@ class ExecutorSettings(BaseSettings):
     nomad_cpu_mhz: int = Field(default=1000, ge=100)
     nomad_memory_mb: int = Field(default=4096, ge=128)
     nomad_raw_exec_command: str = "python3"
+    # Restarts of a crashed sandbox inside its allocation before Nomad reschedules it.
+    nomad_restart_attempts: int = Field(default=3, ge=0)
+    nomad_restart_delay_s: float = Field(default=5.0, ge=0)
     nomad_service_name: str = "atropos-sandbox"
 
     @model_validator(mode="after")

@@ -16,7 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.nomad_double import NomadDouble
+
 TOKEN = "test-token-0123456789"
+NOMAD_ACL_TOKEN = "nomad-acl-token-for-tests"
 
 
 def free_port() -> int:
@@ -172,14 +175,23 @@ def host_processes_matching(text: str) -> list[str]:
     return found
 
 
+# The executor suites run against the local backend, and again with TEST_BACKEND=nomad
+# against the Nomad API double (tests/nomad_double), which runs sandboxes the way raw_exec does.
+TEST_BACKEND = os.environ.get("TEST_BACKEND", "local")
+local_backend_only = pytest.mark.skipif(
+    TEST_BACKEND != "local", reason="about the local backend's child processes"
+)
+
+
 @dataclass
 class ExecutorServer:
-    """A running ``atropos-tool-executor serve`` (local backend) and a client for it."""
+    """A running ``atropos-tool-executor serve`` and a client for it."""
 
     process: subprocess.Popen[str]
     port: int
     log_path: Path
     token: str | None
+    nomad: NomadDouble | None = None
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -224,6 +236,29 @@ class ExecutorServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.nomad is not None:
+            self.nomad.close()
+
+
+def nomad_settings(double: NomadDouble) -> dict[str, str]:
+    """Executor settings that put its pool on the double, as raw_exec tasks of this Python."""
+    return {
+        "TOOL_EXECUTOR_BACKEND": "nomad",
+        "TOOL_EXECUTOR_NOMAD_ADDRESS": double.address,
+        "NOMAD_TOKEN": NOMAD_ACL_TOKEN,
+        "TOOL_EXECUTOR_NOMAD_DRIVER": "raw_exec",
+        "TOOL_EXECUTOR_NOMAD_RAW_EXEC_COMMAND": sys.executable,
+        "TOOL_EXECUTOR_NOMAD_CPU_MHZ": "500",
+        "TOOL_EXECUTOR_NOMAD_MEMORY_MB": "512",
+        "TOOL_EXECUTOR_NOMAD_RESTART_DELAY_S": "1",
+    }
+
+
+def start_nomad_double() -> NomadDouble:
+    root = make_tmp()  # traversable: slots run as other uids below the allocation dirs
+    double = NomadDouble(acl_token=NOMAD_ACL_TOKEN, root=root)
+    double.start()
+    return double
 
 
 def start_executor(
@@ -232,8 +267,14 @@ def start_executor(
     token: str | None = TOKEN,
     env: dict[str, str] | None = None,
     wait: bool = True,
+    backend: str = TEST_BACKEND,
+    nomad: NomadDouble | None = None,
 ) -> ExecutorServer:
-    """Start the executor; ``env`` holds ``TOOL_EXECUTOR_*`` settings (small pools by default)."""
+    """Start the executor; ``env`` holds ``TOOL_EXECUTOR_*`` settings (small pools by default).
+
+    With ``backend="nomad"`` its pool runs on ``nomad`` (a Nomad API double), or on a double
+    of its own that stops with it.
+    """
     port = free_port()
     log_path = tmp / "executor.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
@@ -248,13 +289,18 @@ def start_executor(
     )
     if token:
         full_env["TOOL_EXECUTOR_TOKEN"] = token
+    double = None
+    if backend == "nomad":
+        double = nomad or start_nomad_double()
+        full_env.update(nomad_settings(double))
     full_env.update(env or {})
     argv = [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(port)]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
             argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=tmp
         )
-    server = ExecutorServer(process, port, log_path, token)
+    # A double passed in belongs to the caller; one started here goes with the executor.
+    server = ExecutorServer(process, port, log_path, token, double if nomad is None else None)
     if wait:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

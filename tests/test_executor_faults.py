@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.conftest import ExecutorServer, host_processes_matching, make_tmp, start_executor
+from tests.conftest import (
+    ExecutorServer,
+    host_processes_matching,
+    local_backend_only,
+    make_tmp,
+    start_executor,
+)
 from tests.executor_support import (
     new_client,
     pid_alive,
@@ -159,6 +165,7 @@ def test_full_queue_answers_503(small: ExecutorServer) -> None:
 # ---- a sandbox dies
 
 
+@local_backend_only
 def test_killed_sandbox_is_replaced_and_its_trajectories_told(small: ExecutorServer) -> None:
     try:
         victim = small.sh("lost-a", "echo mine > mine.txt; echo ok")
@@ -208,6 +215,7 @@ def test_killed_sandbox_is_replaced_and_its_trajectories_told(small: ExecutorSer
 # ---- SIGTERM (last: it stops the module's executor)
 
 
+@local_backend_only
 def test_sigterm_stops_every_sandbox_child(small: ExecutorServer) -> None:
     marker = f"pool-leftover-{uuid.uuid4().hex}"
     started = small.sh("term-holder", f"(exec -a {marker} sleep 300) > /dev/null 2>&1 & echo ok")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ExecutorServer, make_tmp, start_executor
+from tests.conftest import ExecutorServer, local_backend_only, make_tmp, start_executor
 from tests.executor_support import (
     Background,
     background_sh,
@@ -265,6 +265,7 @@ def test_concurrent_trajectories_see_only_their_own_workspace(
 # ---- scaling of the local backend
 
 
+@local_backend_only
 def test_pool_grows_under_load_and_shrinks_around_held_leases(
     executor_factory: Factory,
 ) -> None:

@@ -89,9 +89,9 @@ def build_job(settings: ExecutorSettings) -> dict[str, Any]:
         # No deployments: a scale is then never blocked by the previous one's deployment.
         "Update": {"MaxParallel": 0},
         "RestartPolicy": {
-            "Attempts": 3,
+            "Attempts": settings.nomad_restart_attempts,
             "Interval": 300 * SECOND,
-            "Delay": 5 * SECOND,
+            "Delay": int(settings.nomad_restart_delay_s * SECOND),
             "Mode": "fail",
         },
         "ReschedulePolicy": {

@@ -4,9 +4,10 @@ Rules that keep workspaces from being mixed up:
 
 - A slot is leased to one trajectory at a time; it returns to the free list only after the
   sandbox has reset it.
-- A sandbox that fails two health checks in a row, or that the backend no longer lists, is
-  *retired*: its leases are lost (their trajectories are told on their next call), and its id
-  is never admitted again, even if it answers later. A replacement arrives under a new id with
+- A sandbox that fails two health checks in a row (or a call and then a check), that restarted
+  in place (its ``instance_id`` changed), or that the backend no longer lists, is *retired*:
+  its leases are lost (their trajectories are told on their next call), and that instance is
+  never admitted again, even if it answers later. A replacement is a new instance with
   all-new slots.
 - Slots are leased from the lowest-index sandbox first, so that the highest-index ones go idle
   first: those are the ones a shrink (and Nomad's scale-down) removes.
@@ -34,6 +35,7 @@ log = logging.getLogger("atropos.pool")
 HEALTH_TIMEOUT_S = 2.0
 FAILED_CHECKS_TO_RETIRE = 2
 RESET_TIMEOUT_S = 60.0
+DISCOVERY_POLL_S = 0.1
 
 
 class AcquireTimeout(Exception):
@@ -48,6 +50,7 @@ class PoolSandbox:
     free: list[str]
     leased: dict[str, str] = field(default_factory=dict)
     resetting: set[str] = field(default_factory=set)
+    instance_id: str = ""
     lost: bool = False
     draining: bool = False
     failed_checks: int = 0
@@ -105,7 +108,8 @@ class Pool:
         )
         self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0))
         self.sandboxes: dict[str, PoolSandbox] = {}
-        self.retired: set[str] = set()
+        # (sandbox id, instance id) of sandboxes taken out: never admitted again.
+        self.retired: set[tuple[str, str]] = set()
         self.waiters: deque[Waiter] = deque()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.monitor: asyncio.Task[None] | None = None
@@ -257,12 +261,16 @@ class Pool:
         for info in infos:
             if info.sandbox_id in self.sandboxes:
                 self.sandboxes[info.sandbox_id].draining = False
-            elif info.sandbox_id not in self.retired:
+            else:
                 await self._admit(info)
         self._grant_waiters()
 
     async def _admit(self, info: SandboxInfo) -> None:
         try:
+            health = await self.client.get(info.url + "/health", timeout=HEALTH_TIMEOUT_S)
+            instance_id = str(health.json().get("instance_id", ""))
+            if (info.sandbox_id, instance_id) in self.retired:
+                return
             response = await self.client.get(
                 info.url + "/slots", headers=self._auth(), timeout=HEALTH_TIMEOUT_S
             )
@@ -273,7 +281,8 @@ class Pool:
             # Nomad job) may hold workspaces of earlier trajectories: reset those before use.
             used = [str(slot["slot_id"]) for slot in described if slot.get("calls")]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            log.warning("event=sandbox_not_ready sandbox=%s error=%s", info.sandbox_id, exc)
+            # Expected while a new sandbox starts; it is looked at again on the next sync.
+            log.debug("event=sandbox_not_ready sandbox=%s error=%s", info.sandbox_id, exc)
             return
         batcher = Batcher(
             info.url,
@@ -282,7 +291,8 @@ class Pool:
             self.settings.batch_window_s,
             self.settings.max_batch_size,
         )
-        sandbox = PoolSandbox(info, batcher, slot_ids, [s for s in slot_ids if s not in used])
+        free = [s for s in slot_ids if s not in used]
+        sandbox = PoolSandbox(info, batcher, slot_ids, free, instance_id=instance_id)
         self.sandboxes[info.sandbox_id] = sandbox
         for slot_id in used:
             sandbox.resetting.add(slot_id)
@@ -303,9 +313,12 @@ class Pool:
         sandbox.lost = True
         sandbox.free.clear()
         self.sandboxes.pop(sandbox.sandbox_id, None)
-        self.retired.add(sandbox.sandbox_id)
-        self.lost_sandboxes += 1
-        log.warning(
+        self.retired.add((sandbox.sandbox_id, sandbox.instance_id))
+        expected = sandbox.draining and not sandbox.leased  # a shrink we asked for
+        if not expected:
+            self.lost_sandboxes += 1
+        log.log(
+            logging.INFO if expected else logging.WARNING,
             "event=sandbox_retired sandbox=%s leases=%d reason=%r",
             sandbox.sandbox_id,
             len(sandbox.leased),
@@ -313,22 +326,29 @@ class Pool:
         )
         self.own(sandbox.batcher.close(), f"close-{sandbox.sandbox_id}")
 
-    async def check_health(self) -> None:
-        async def probe(sandbox: PoolSandbox) -> None:
-            try:
-                response = await self.client.get(
-                    sandbox.info.url + "/health", timeout=HEALTH_TIMEOUT_S
-                )
-                healthy = response.status_code == 200
-            except httpx.HTTPError:
-                healthy = False
-            sandbox.failed_checks = 0 if healthy else sandbox.failed_checks + 1
-            if sandbox.failed_checks >= FAILED_CHECKS_TO_RETIRE:
-                self.retire(sandbox, f"{sandbox.failed_checks} health checks failed")
-                with contextlib.suppress(BackendError):
-                    await self.backend.replace(sandbox.sandbox_id)
+    async def probe(self, sandbox: PoolSandbox, failures_to_retire: int) -> bool:
+        """One health check; retire the sandbox once ``failures_to_retire`` checks in a row
+        failed, or at once when it restarted in place (same address, new instance)."""
+        try:
+            response = await self.client.get(sandbox.info.url + "/health", timeout=HEALTH_TIMEOUT_S)
+            healthy = response.status_code == 200
+            instance_id = response.json().get("instance_id", "") if healthy else ""
+        except (httpx.HTTPError, ValueError):
+            healthy, instance_id = False, ""
+        if healthy and instance_id != sandbox.instance_id:
+            # Nomad restarts a task inside its allocation: same address, new sandbox.
+            self.retire(sandbox, "it restarted")
+            return False
+        sandbox.failed_checks = 0 if healthy else sandbox.failed_checks + 1
+        if sandbox.failed_checks >= failures_to_retire:
+            self.retire(sandbox, f"{sandbox.failed_checks} health checks failed")
+            with contextlib.suppress(BackendError):
+                await self.backend.replace(sandbox.sandbox_id)
+        return healthy
 
-        await asyncio.gather(*(probe(s) for s in list(self.sandboxes.values())))
+    async def check_health(self) -> None:
+        sandboxes = list(self.sandboxes.values())
+        await asyncio.gather(*(self.probe(s, FAILED_CHECKS_TO_RETIRE) for s in sandboxes))
 
     def desired_count(self) -> int | None:
         """How many sandboxes the pool wants now, or None to leave the count alone."""
@@ -363,7 +383,14 @@ class Pool:
         except BackendError as exc:
             self.backend_error = str(exc)
             log.error("event=scale_failed count=%d error=%s", count, exc)
+            return
         await self.sync()
+        # A backend may answer before the new sandboxes run (Nomad places them afterwards):
+        # look for them often while callers wait, rather than at the next monitor tick.
+        deadline = time.monotonic() + self.settings.sandbox_start_timeout_s
+        while count > len(self.sandboxes) and self.waiters and time.monotonic() < deadline:
+            await asyncio.sleep(DISCOVERY_POLL_S)
+            await self.sync()
 
     async def _monitor(self) -> None:
         """Health checks, discovery and scaling; woken early when callers wait for slots."""

@@ -195,6 +195,8 @@ class Executor:
         try:
             answer = await lease.sandbox.batcher.submit(item, timeout)
         except SandboxCallError as exc:
+            # The failed call is one strike; a failed health check now is the second.
+            await self.pool.probe(lease.sandbox, failures_to_retire=1)
             if lease.lost:
                 return self._lose(trajectory, f"its sandbox stopped during this call ({exc})")
             return failure(f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc}")

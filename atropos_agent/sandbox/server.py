@@ -14,6 +14,7 @@ import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -91,6 +92,9 @@ class Sandbox:
         self.uid_range: uids.UidRange | None = None
         self.prepared = False
         self.started_at = time.time()
+        # New at every start: a restarted server at the same address is a different sandbox
+        # (its workspaces are gone), and the executor must be able to tell.
+        self.instance_id = uuid.uuid4().hex
         # Batches still running after their caller left: awaited on shutdown.
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -280,6 +284,7 @@ class Sandbox:
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "instance_id": self.instance_id,
         }
 
 
