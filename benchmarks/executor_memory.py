@@ -14,16 +14,18 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-from benchmarks.common import free_port, machine_summary, wait_healthy
+from benchmarks.common import (
+    bench_dir,
+    free_port,
+    machine_summary,
+    start_executor_server,
+    wait_healthy,
+)
 from benchmarks.slot_memory import smaps
 
 TOKEN = "bench-token"
@@ -36,35 +38,18 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=128)
     args = parser.parse_args()
     sandboxes = math.ceil(args.trajectories / args.slots)
-    data_dir = Path(tempfile.mkdtemp(prefix="atropos-bench-"))
-    data_dir.chmod(0o711)
+    data_dir = bench_dir()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
-    env.update(
-        {
-            "TOOL_EXECUTOR_TOKEN": TOKEN,
-            "TOOL_EXECUTOR_SLOTS": str(args.slots),
-            "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
-            "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
-            "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
-            "TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S": "600",
-            "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "300",
-        }
-    )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    settings = {
+        "TOOL_EXECUTOR_TOKEN": TOKEN,
+        "TOOL_EXECUTOR_SLOTS": str(args.slots),
+        "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
+        "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
+        "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
+        "TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S": "600",
+        "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "300",
+    }
+    process = start_executor_server(port, settings)
     try:
         await wait_healthy(f"http://127.0.0.1:{port}/health", 900, process)
         before = smaps(process.pid)

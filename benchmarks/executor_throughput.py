@@ -20,74 +20,35 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from benchmarks.common import JsonClient, free_port, machine_summary, wait_healthy
+from benchmarks.common import (
+    JsonClient,
+    bench_dir,
+    free_port,
+    machine_summary,
+    start_executor_server,
+    start_sandbox_server,
+    wait_healthy,
+)
 
 COMMAND = "echo hi"
 TOKEN = "bench-token"
 
 
-def start_executor(
-    data_dir: Path, slots: int, sandboxes: int, port: int
-) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
-    env.update(
-        {
-            "TOOL_EXECUTOR_TOKEN": TOKEN,
-            "TOOL_EXECUTOR_SLOTS": str(slots),
-            "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
-            "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
-            "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
-            "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
-        }
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=open(data_dir / "executor.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def start_sandbox(data_dir: Path, slots: int, index: int, port: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATROPOS_SANDBOX_")}
-    env["ATROPOS_SANDBOX_TOKEN"] = TOKEN
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.sandbox",
-            "--port",
-            str(port),
-            "--slots",
-            str(slots),
-            "--data-dir",
-            str(data_dir / f"direct-{index}"),
-            "--slot-uid-base",
-            str(300_000 + index * slots),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+def executor_settings(data_dir: Path, slots: int, sandboxes: int) -> dict[str, str]:
+    return {
+        "TOOL_EXECUTOR_TOKEN": TOKEN,
+        "TOOL_EXECUTOR_SLOTS": str(slots),
+        "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
+        "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
+        "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
+        "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
+    }
 
 
 async def executor_round(client: JsonClient, trajectories: int, calls: int, tag: str) -> float:
@@ -161,13 +122,14 @@ async def main() -> None:
     args = parser.parse_args()
     sandboxes = math.ceil(args.trajectories / args.slots)
 
-    data_dir = Path(tempfile.mkdtemp(prefix="atropos-bench-"))
-    data_dir.chmod(0o711)
+    data_dir = bench_dir()
     executor_port = free_port()
     direct_ports = [free_port() for _ in range(sandboxes)]
-    processes = [start_executor(data_dir, args.slots, sandboxes, executor_port)]
+    settings = executor_settings(data_dir, args.slots, sandboxes)
+    processes = [start_executor_server(executor_port, settings, data_dir / "executor.log")]
     processes += [
-        start_sandbox(data_dir, args.slots, i, port) for i, port in enumerate(direct_ports)
+        start_sandbox_server(port, args.slots, data_dir / f"direct-{i}", TOKEN)
+        for i, port in enumerate(direct_ports)
     ]
     try:
         await wait_healthy(f"http://127.0.0.1:{executor_port}/health", 180, processes[0])

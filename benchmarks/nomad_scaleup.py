@@ -15,14 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import JsonClient, free_port, machine_summary, wait_healthy
+from benchmarks.common import (
+    JsonClient,
+    bench_dir,
+    free_port,
+    machine_summary,
+    start_executor_server,
+    start_sandbox_server,
+    wait_healthy,
+)
 from tests.nomad_double import NomadDouble
 
 TOKEN = "bench-token"
@@ -34,22 +40,7 @@ async def sandbox_start_seconds(root: Path) -> float:
     """One sandbox server (2 slots) from process start to a healthy /health."""
     port = free_port()
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.sandbox",
-            "--port",
-            str(port),
-            "--slots",
-            "2",
-            "--data-dir",
-            str(root / f"solo-{port}"),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    process = start_sandbox_server(port, 2, root / f"solo-{port}")
     try:
         await wait_healthy(f"http://127.0.0.1:{port}/health", 60, process)
         return time.perf_counter() - started
@@ -87,47 +78,29 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=6)
     args = parser.parse_args()
 
-    root = Path(__import__("tempfile").mkdtemp(prefix="atropos-bench-"))
-    root.chmod(0o711)
-    double = NomadDouble(acl_token=ACL, root=root / "nomad")
+    root = bench_dir()
     (root / "nomad").mkdir()
     (root / "nomad").chmod(0o711)
+    double = NomadDouble(acl_token=ACL, root=root / "nomad")
     double.start()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
-    env.update(
-        {
-            "TOOL_EXECUTOR_TOKEN": TOKEN,
-            "TOOL_EXECUTOR_BACKEND": "nomad",
-            "TOOL_EXECUTOR_NOMAD_ADDRESS": double.address,
-            "NOMAD_TOKEN": ACL,
-            "TOOL_EXECUTOR_NOMAD_DRIVER": "raw_exec",
-            "TOOL_EXECUTOR_NOMAD_RAW_EXEC_COMMAND": sys.executable,
-            "TOOL_EXECUTOR_NOMAD_CPU_MHZ": "500",
-            "TOOL_EXECUTOR_NOMAD_MEMORY_MB": "512",
-            "TOOL_EXECUTOR_SLOTS": "2",
-            "TOOL_EXECUTOR_MIN_CONTAINERS": "1",
-            "TOOL_EXECUTOR_MAX_CONTAINERS": str(1 + args.burst // 2),
-            "TOOL_EXECUTOR_SCALE_DOWN_IDLE_S": "1",
-            "TOOL_EXECUTOR_HEALTH_INTERVAL_S": "2",
-            "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
-        }
-    )
-    executor = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        cwd=root,
-    )
+    settings = {
+        "TOOL_EXECUTOR_TOKEN": TOKEN,
+        "TOOL_EXECUTOR_BACKEND": "nomad",
+        "TOOL_EXECUTOR_NOMAD_ADDRESS": double.address,
+        "NOMAD_TOKEN": ACL,
+        "TOOL_EXECUTOR_NOMAD_DRIVER": "raw_exec",
+        "TOOL_EXECUTOR_NOMAD_RAW_EXEC_COMMAND": sys.executable,
+        "TOOL_EXECUTOR_NOMAD_CPU_MHZ": "500",
+        "TOOL_EXECUTOR_NOMAD_MEMORY_MB": "512",
+        "TOOL_EXECUTOR_SLOTS": "2",
+        "TOOL_EXECUTOR_MIN_CONTAINERS": "1",
+        "TOOL_EXECUTOR_MAX_CONTAINERS": str(1 + args.burst // 2),
+        "TOOL_EXECUTOR_SCALE_DOWN_IDLE_S": "1",
+        "TOOL_EXECUTOR_HEALTH_INTERVAL_S": "2",
+        "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
+    }
+    executor = start_executor_server(port, settings, cwd=root)
     client = JsonClient(f"http://127.0.0.1:{port}", TOKEN)
     try:
         await wait_healthy(f"http://127.0.0.1:{port}/health", 120, executor)

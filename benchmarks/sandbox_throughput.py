@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,13 @@ import httpx
 from atropos_agent.sandbox import uids
 from atropos_agent.sandbox.isolation import SlotPaths, bwrap_prefix
 from atropos_agent.sandbox.settings import SandboxSettings
-from benchmarks.common import free_port, machine_summary, start_process, wait_healthy
+from benchmarks.common import (
+    bench_dir,
+    free_port,
+    machine_summary,
+    start_sandbox_server,
+    wait_healthy,
+)
 
 COMMAND = "echo hi"
 
@@ -111,25 +116,8 @@ async def main() -> None:
 
     port = free_port()
     token = "bench-token"
-    data_dir = Path(tempfile.mkdtemp(prefix="atropos-bench-"))
-    data_dir.chmod(0o711)
-    env = {**os.environ, "ATROPOS_SANDBOX_TOKEN": token}
-    server = start_process(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.sandbox",
-            "--port",
-            str(port),
-            "--slots",
-            str(args.slots),
-            "--data-dir",
-            str(data_dir / "server"),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
+    data_dir = bench_dir()
+    server = start_sandbox_server(port, args.slots, data_dir / "server", token)
     try:
         base_url = f"http://127.0.0.1:{port}"
         await wait_healthy(base_url + "/health", 60, server)

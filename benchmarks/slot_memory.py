@@ -15,13 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import free_port, machine_summary
+from benchmarks.common import bench_dir, free_port, machine_summary, start_sandbox_server
 
 KIB = 1024
 
@@ -72,26 +71,8 @@ def measure(server_pid: int, slots: int) -> dict[str, float]:
 
 
 def start_server(slots: int) -> tuple[subprocess.Popen[bytes], str]:
-    data_dir = Path(tempfile.mkdtemp(prefix="atropos-mem-"))
-    data_dir.chmod(0o711)
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atropos_agent.sandbox",
-            "--port",
-            str(port),
-            "--slots",
-            str(slots),
-            "--data-dir",
-            str(data_dir / "data"),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if not k.startswith("ATROPOS_SANDBOX_")},
-    )
+    process = start_sandbox_server(port, slots, bench_dir() / "data")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

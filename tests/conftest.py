@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,26 +15,19 @@ from typing import Any
 import httpx
 import pytest
 
+from atropos_agent.backends.local import free_port
 from tests.nomad_double import NomadDouble
 
 TOKEN = "test-token-0123456789"
 NOMAD_ACL_TOKEN = "nomad-acl-token-for-tests"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @dataclass
-class SandboxServer:
-    """A running ``python -m atropos_agent.sandbox`` and an authenticated client for it."""
+class ServerProcess:
+    """A server this test run started, its log, and an authenticated client for it."""
 
     process: subprocess.Popen[str]
     port: int
-    data_dir: Path
     log_path: Path
     token: str | None
     client: httpx.Client = field(init=False)
@@ -47,6 +39,26 @@ class SandboxServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class SandboxServer(ServerProcess):
+    """A running ``python -m atropos_agent.sandbox``."""
+
+    data_dir: Path = field(kw_only=True)
 
     def run(
         self, slot: str, tool: str, timeout: float | None = None, **args: Any
@@ -62,19 +74,6 @@ class SandboxServer:
 
     def sh(self, slot: str, command: str, timeout: float | None = None) -> dict[str, Any]:
         return self.run(slot, "terminal", timeout=timeout, command=command)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def start_sandbox(
@@ -109,7 +108,7 @@ def start_sandbox(
         process = subprocess.Popen(
             argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, text=True
         )
-    server = SandboxServer(process, port, data_dir, log_path, token)
+    server = SandboxServer(process, port, log_path, token, data_dir=data_dir)
     if wait:
         wait_until_healthy(server)
     return server
@@ -184,23 +183,11 @@ local_backend_only = pytest.mark.skipif(
 
 
 @dataclass
-class ExecutorServer:
-    """A running ``atropos-tool-executor serve`` and a client for it."""
+class ExecutorServer(ServerProcess):
+    """A running ``atropos-tool-executor serve``; ``nomad`` is the double its pool runs on,
+    when the executor owns one (it is closed with the executor)."""
 
-    process: subprocess.Popen[str]
-    port: int
-    log_path: Path
-    token: str | None
-    nomad: NomadDouble | None = None
-    client: httpx.Client = field(init=False)
-
-    def __post_init__(self) -> None:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=120)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    nomad: NomadDouble | None = field(default=None, kw_only=True)
 
     def call(
         self, trajectory: str, name: str, timeout_s: float | None = None, **arguments: Any
@@ -224,18 +211,8 @@ class ExecutorServer:
         status: dict[str, Any] = self.client.get("/status").json()
         return status
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def stop(self) -> None:
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().stop()
         if self.nomad is not None:
             self.nomad.close()
 
@@ -300,7 +277,7 @@ def start_executor(
             argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=tmp
         )
     # A double passed in belongs to the caller; one started here goes with the executor.
-    server = ExecutorServer(process, port, log_path, token, double if nomad is None else None)
+    server = ExecutorServer(process, port, log_path, token, nomad=double if nomad is None else None)
     if wait:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ExecutorServer, free_port, make_tmp, start_executor
+from atropos_agent.backends.local import free_port
+from tests.conftest import ExecutorServer, make_tmp, start_executor
 from tests.executor_support import release, settings
 
 # Every authenticated route with a request it would accept: (method, path, JSON body).

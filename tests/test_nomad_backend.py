@@ -4,6 +4,7 @@ faults, Nomad going away, purge. Sandboxes are real servers the double runs as r
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -14,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from atropos_agent.backends.local import free_port
 from tests.conftest import (
     ExecutorServer,
-    free_port,
     make_tmp,
     nomad_settings,
     start_executor,
@@ -61,17 +62,17 @@ def wait_for(predicate: Any, timeout_s: float = 30.0, what: str = "condition") -
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def failed_start(double: NomadDouble, **values: str) -> tuple[int, str, float]:
+def failed_start(
+    double: NomadDouble, overrides: dict[str, str] | None = None, **values: str
+) -> tuple[int, str, float]:
     """Start an executor that is expected to give up; its exit code, output and time taken."""
-    tmp = make_tmp()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TOOL_")}
-    env.update(nomad_settings(double))
-    env.update(settings(**values))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_")}
+    env.update({**nomad_settings(double), **settings(**values), **(overrides or {})})
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(free_port())],
         env=env,
-        cwd=tmp,
+        cwd=make_tmp(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -169,19 +170,9 @@ def test_crash_loop_fails_fast(double: NomadDouble) -> None:
 
 
 def test_wrong_acl_token_is_reported(double: NomadDouble) -> None:
-    tmp = make_tmp()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TOOL_")}
-    env.update({**nomad_settings(double), "NOMAD_TOKEN": "not-the-token"})
-    done = subprocess.run(
-        [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(free_port())],
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
-    assert "NOMAD_TOKEN" in done.stdout + done.stderr
+    code, output, _ = failed_start(double, {"NOMAD_TOKEN": "not-the-token"})
+    assert code != 0
+    assert "Nomad refused" in output and "NOMAD_TOKEN" in output
 
 
 # ---- scaling
