@@ -317,3 +317,11 @@ def test_purge_on_shutdown(double: NomadDouble) -> None:
     server.stop()
     assert double.job(JOB) is None
     wait_for(lambda: not double.running(JOB), 15, "allocations to stop")
+
+
+def test_unreachable_nomad_at_start_is_reported(double: NomadDouble) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    code, output, elapsed = failed_start(double, {"TOOL_EXECUTOR_NOMAD_ADDRESS": nowhere})
+    assert code != 0
+    assert f"Nomad at {nowhere} did not answer" in output
+    assert elapsed < 30
