@@ -4,6 +4,7 @@ faults, Nomad going away, purge. Sandboxes are real servers the double runs as r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from atropos_agent.backends.base import BackendError
 from atropos_agent.backends.local import free_port
+from atropos_agent.backends.nomad import NomadBackend
+from atropos_agent.backends.nomad_job import build_job
+from atropos_agent.config import ExecutorSettings
 from tests.conftest import (
     ExecutorServer,
     make_tmp,
@@ -325,3 +330,45 @@ def test_unreachable_nomad_at_start_is_reported(double: NomadDouble) -> None:
     assert code != 0
     assert f"Nomad at {nowhere} did not answer" in output
     assert elapsed < 30
+
+
+def test_scale_refused_during_a_deployment_is_retried_with_backoff(double: NomadDouble) -> None:
+    """A job that still has deployments on (an operator's edit) answers 400 to a scale while
+    its deployment runs; the backend backs off and the next attempt goes through."""
+    env = {**nomad_settings(double), **settings(max_containers="2")}
+    values: dict[str, Any] = {
+        k.removeprefix("TOOL_EXECUTOR_").lower(): v
+        for k, v in env.items()
+        if k.startswith("TOOL_EXECUTOR_")
+    }
+    config = ExecutorSettings.model_validate({**values, "nomad_token": env["NOMAD_TOKEN"]})
+    job = build_job(config)
+    job["TaskGroups"][0]["Update"] = {"MaxParallel": 1}  # the hash still matches: reused
+    headers = {"X-Nomad-Token": env["NOMAD_TOKEN"]}
+    registered = httpx.post(f"{double.address}/v1/jobs", json={"Job": job}, headers=headers)
+    assert registered.status_code == 200, registered.text
+
+    async def scenario() -> None:
+        backend = NomadBackend(config)
+        try:
+            await backend.start(1)
+            with pytest.raises(BackendError, match="active deployment"):
+                await backend.scale(2, idle=())
+            assert backend.scale_failures == 1
+            await backend.scale(2, idle=())  # inside the back-off: not even sent
+            assert backend.scale_failures == 1
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                try:
+                    await backend.scale(2, idle=())
+                except BackendError:
+                    continue
+                if backend.scale_failures == 0:
+                    break
+            assert backend.scale_failures == 0
+        finally:
+            await backend.stop()
+
+    asyncio.run(scenario())
+    assert double.job(JOB) is None  # purged

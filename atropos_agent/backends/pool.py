@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 
 from atropos_agent.backends.base import Backend, BackendError, SandboxInfo
@@ -107,6 +108,9 @@ class Pool:
             max_connections=4096, max_keepalive_connections=32, keepalive_expiry=30
         )
         self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0))
+        # Batches go over aiohttp: per request it costs a third of httpx's CPU, which is the
+        # executor's hot path (docs/benchmarks.md). Control calls use httpx.
+        self.batches_http: aiohttp.ClientSession | None = None
         self.sandboxes: dict[str, PoolSandbox] = {}
         # (sandbox id, instance id) of sandboxes taken out: never admitted again.
         self.retired: set[tuple[str, str]] = set()
@@ -141,6 +145,15 @@ class Pool:
         await asyncio.gather(*(s.batcher.close() for s in self.sandboxes.values()))
         await self.backend.stop()
         await self.client.aclose()
+        if self.batches_http is not None:
+            await self.batches_http.close()
+
+    def batch_session(self) -> aiohttp.ClientSession:
+        """The batches' HTTP client, made on first use (it needs the running loop)."""
+        if self.batches_http is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            self.batches_http = aiohttp.ClientSession(connector=connector)
+        return self.batches_http
 
     def own(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -286,7 +299,7 @@ class Pool:
             return
         batcher = Batcher(
             info.url,
-            self.client,
+            self.batch_session(),
             self.backend.token,
             self.settings.batch_window_s,
             self.settings.max_batch_size,

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 log = logging.getLogger("atropos.executor")
 
@@ -62,7 +62,7 @@ class BatchStats:
 
 class Batcher:
     def __init__(
-        self, url: str, client: httpx.AsyncClient, token: str, window_s: float, max_size: int
+        self, url: str, client: aiohttp.ClientSession, token: str, window_s: float, max_size: int
     ) -> None:
         self.url = url.rstrip("/") + "/batch/stream"
         self.client = client
@@ -114,19 +114,18 @@ class Batcher:
         answered = 0
         try:
             longest = max(call.timeout_s for call in batch)
-            timeout = httpx.Timeout(10.0, read=longest + SANDBOX_GRACE_S)
-            async with self.client.stream(
-                "POST",
+            timeout = aiohttp.ClientTimeout(sock_connect=10.0, sock_read=longest + SANDBOX_GRACE_S)
+            async with self.client.post(
                 self.url,
                 json=[call.item for call in batch],
                 headers=self.headers,
                 timeout=timeout,
             ) as response:
-                if response.status_code != 200:
-                    body = (await response.aread()).decode(errors="replace")[:500]
-                    raise SandboxCallError(f"sandbox answered {response.status_code}: {body}")
-                async for line in response.aiter_lines():
-                    if not line:
+                if response.status != 200:
+                    body = (await response.read()).decode(errors="replace")[:500]
+                    raise SandboxCallError(f"sandbox answered {response.status}: {body}")
+                async for line in response.content:
+                    if not line.strip():
                         continue
                     result = json.loads(line)
                     call = batch[result.pop("index")]
@@ -134,7 +133,14 @@ class Batcher:
                         call.future.set_result(result)
                     answered += 1
                     self.in_flight_calls -= 1
-        except (httpx.HTTPError, SandboxCallError, ValueError, KeyError, IndexError) as exc:
+        except (
+            aiohttp.ClientError,
+            TimeoutError,
+            SandboxCallError,
+            ValueError,
+            KeyError,
+            IndexError,
+        ) as exc:
             message = exc if isinstance(exc, SandboxCallError) else f"{type(exc).__name__}: {exc}"
             log.warning("event=batch_failed url=%s error=%s", self.url, message)
             for call in batch:
