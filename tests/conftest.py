@@ -114,18 +114,21 @@ def start_sandbox(
     return server
 
 
-def wait_until_healthy(server: SandboxServer, timeout_s: float = 60) -> None:
+def wait_until_healthy(server: ServerProcess, timeout_s: float = 60) -> None:
+    """Until ``GET /health`` answers 200; stops the server and raises with its log otherwise."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"sandbox server exited early:\n{server.log()}")
+            server.stop()
+            raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
             if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise TimeoutError(f"sandbox server not healthy after {timeout_s}s:\n{server.log()}")
+    server.stop()
+    raise TimeoutError(f"server not healthy after {timeout_s}s:\n{server.log()}")
 
 
 def make_tmp() -> Path:
@@ -279,18 +282,7 @@ def start_executor(
     # A double passed in belongs to the caller; one started here goes with the executor.
     server = ExecutorServer(process, port, log_path, token, nomad=double if nomad is None else None)
     if wait:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"executor exited early:\n{server.log()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        server.stop()
-        raise TimeoutError(f"executor not healthy:\n{server.log()}")
+        wait_until_healthy(server, timeout_s=90)
     return server
 
 
