@@ -9,7 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.settings import ExecutorSettings
 from atropos_agent.web import describe_settings_error
 
 KEEP_ALIVE_S = 75
@@ -37,7 +37,7 @@ def serve(argv: list[str]) -> None:
     except ValidationError as exc:
         reason = describe_settings_error(exc, "TOOL_EXECUTOR_")
         sys.exit(f"atropos-tool-executor: invalid setting: {reason}")
-    from atropos_agent.api.tool_executor_server import create_app
+    from atropos_agent.executor.app import create_app
 
     uvicorn.run(
         create_app(settings),

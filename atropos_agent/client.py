@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from atropos_agent.config import MAX_TIMEOUT_S
 from atropos_agent.models import (
+    MAX_TIMEOUT_S,
     ArtifactArchiveResponse,
     ArtifactListResponse,
     ArtifactReadResponse,

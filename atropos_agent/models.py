@@ -6,10 +6,16 @@ docs/protocol.md): add fields, never rename or remove them.
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+# The protocol's timeout rule: ``timeout_s``, else a numeric ``arguments.timeout``, clamped.
+MIN_TIMEOUT_S = 1.0
+MAX_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S = 30.0
 
 
 def new_call_id() -> str:
@@ -119,3 +125,15 @@ class ArtifactListRequest(ArtifactListFields):
 
 class ArtifactArchiveRequest(ArtifactArchiveFields):
     trajectory_id: str
+
+
+def effective_timeout(timeout_s: float | None, arguments_timeout: object) -> float:
+    """The protocol's rule: ``timeout_s``, else a numeric ``arguments.timeout``, clamped 1..600."""
+    chosen: float = DEFAULT_TIMEOUT_S
+    if timeout_s is not None:
+        chosen = timeout_s
+    elif isinstance(arguments_timeout, int | float) and not isinstance(arguments_timeout, bool):
+        chosen = float(arguments_timeout)
+    if math.isnan(chosen):
+        chosen = DEFAULT_TIMEOUT_S
+    return min(max(chosen, MIN_TIMEOUT_S), MAX_TIMEOUT_S)

@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from atropos_agent.errors import AtroposError
+
 
 def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
     headers = extra.pop("headers", None)
@@ -124,6 +126,11 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
+async def atropos_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AtroposError)
+    return error_response(exc.status_code, exc.message, headers=exc.headers())
+
+
 def jsonable(errors: Any) -> Any:
     """Validation errors may carry exception objects in ``ctx``; keep only their text."""
     cleaned = []
@@ -139,6 +146,7 @@ def jsonable(errors: Any) -> Any:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(AtroposError, atropos_error)
 
 
 def describe_settings_error(exc: ValidationError, env_prefix: str) -> str:

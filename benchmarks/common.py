@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from atropos_agent.backends.local import free_port
+from atropos_agent.executor.backends.local import free_port
 
 __all__ = [
     "JsonClient",

@@ -1,6 +1,6 @@
 # The sandbox pool for Nomad clients without Docker: the raw_exec driver runs the sandbox
 # server straight on the host. Same job as nomad/sandbox.nomad.hcl otherwise; the executor
-# registers it itself with TOOL_EXECUTOR_NOMAD_DRIVER=raw_exec (atropos_agent/backends/nomad_job.py).
+# registers it itself with TOOL_EXECUTOR_NOMAD_DRIVER=raw_exec (atropos_agent/executor/backends/nomad_job.py).
 #
 # What the clients need (docs/operations.md, "Hosts without Docker"):
 #   - raw_exec enabled:  plugin "raw_exec" { config { enabled = true } }

@@ -1,7 +1,7 @@
 # The sandbox pool as one Nomad job: N allocations of the sandbox server, S slots each.
 #
 # The executor (TOOL_EXECUTOR_BACKEND=nomad) registers this same job itself, built from its
-# settings by atropos_agent/backends/nomad_job.py; tests/test_nomad_job_files.py keeps the two
+# settings by atropos_agent/executor/backends/nomad_job.py; tests/test_nomad_job_files.py keeps the two
 # in agreement for the default settings. This file is for reading and review, and for running
 # a pool by hand:
 #

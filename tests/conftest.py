@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from atropos_agent.backends.local import free_port
+from atropos_agent.executor.backends.local import free_port
 from tests.nomad_double import NomadDouble
 
 TOKEN = "test-token-0123456789"

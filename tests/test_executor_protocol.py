@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from atropos_agent.backends.local import free_port
+from atropos_agent.executor.backends.local import free_port
 from tests.conftest import ExecutorServer, make_tmp, start_executor
 from tests.executor_support import release, settings
 

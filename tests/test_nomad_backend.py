@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from atropos_agent.backends.base import BackendError
-from atropos_agent.backends.local import free_port
-from atropos_agent.backends.nomad import NomadBackend
-from atropos_agent.backends.nomad_job import build_job
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.backends.base import BackendError
+from atropos_agent.executor.backends.local import free_port
+from atropos_agent.executor.backends.nomad import NomadBackend
+from atropos_agent.executor.backends.nomad_job import build_job
+from atropos_agent.executor.settings import ExecutorSettings
 from tests.conftest import (
     ExecutorServer,
     make_tmp,

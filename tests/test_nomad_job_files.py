@@ -29,8 +29,8 @@ import pytest
 from hcl2.utils import SerializationOptions
 from pydantic import AliasChoices
 
-from atropos_agent.backends.nomad_job import GROUP, PORT_LABEL, TASK, build_job
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.backends.nomad_job import GROUP, PORT_LABEL, TASK, build_job
+from atropos_agent.executor.settings import ExecutorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_JOB = ROOT / "nomad" / "sandbox.nomad.hcl"

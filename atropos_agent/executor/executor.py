@@ -18,12 +18,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from atropos_agent.backends.pool import AcquireTimeout, Lease, Pool
-from atropos_agent.config import MAX_TIMEOUT_S, ExecutorSettings, effective_timeout
 from atropos_agent.executor.batcher import SandboxCallError
-from atropos_agent.models import ToolCall, ToolResult
-from atropos_agent.tools.external import ExternalToolError, ExternalTools
-from atropos_agent.tools.registry import SANDBOX_TOOLS
+from atropos_agent.executor.external_tools import ExternalToolError, ExternalTools
+from atropos_agent.executor.pool import AcquireTimeout, Lease, Pool
+from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.models import MAX_TIMEOUT_S, ToolCall, ToolResult, effective_timeout
+from atropos_agent.sandbox.tools import SANDBOX_TOOLS
 
 log = logging.getLogger("atropos.executor")
 

@@ -1,37 +1,102 @@
-"""Payloads of the sandbox server (the hop between the executor and each container).
+"""The executor ↔ sandbox server hop: every payload, imported by both ends.
 
-Version 1 is the old containers' protocol; version 2 keeps its shapes and adds fields
-(``metadata.slot_id``, ``/health`` details, ``GET /slots`` details). See docs/protocol.md.
+Version 1 is the old containers' protocol (``/batch``, ``/execute``, ``/reset``, ``/slots``,
+``/artifacts/*`` keyed by ``slot_id``); version 2 keeps its shapes, adds fields, and adds
+``POST /batch/stream``. See docs/protocol.md.
+
+Names: a call's id is ``uniq_id`` in code on both sides, as the trainer names it; on this hop
+its wire name is ``execution_id``, the old containers' name for it. ``index`` in a streamed
+line is the item's position in its batch, which is how a result finds its call (ids are the
+trainer's and need not be unique).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from atropos_agent.models import ArtifactArchiveFields, ArtifactListFields, ArtifactReadFields
 
 PROTOCOL_VERSION = 2
+# The oldest sandbox protocol this executor drives: it needs POST /batch/stream.
+MIN_PROTOCOL_VERSION = 2
 
 
-class BatchItem(BaseModel):
+class WireModel(BaseModel):
+    """Python names in code, the hop's names on the wire."""
+
+    model_config = ConfigDict(
+        validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+
+class BatchItem(WireModel):
+    """One tool call for one slot."""
+
     slot_id: str
     tool: str
     args: dict[str, Any] = Field(default_factory=dict)
-    execution_id: str | None = None
+    uniq_id: str | None = Field(default=None, alias="execution_id")
     timeout: float | None = Field(default=None, gt=0)
 
 
-class BatchResult(BaseModel):
+class BatchResult(WireModel):
+    """What one call produced; a failed tool is ``success: false``, never an HTTP error."""
+
     success: bool
     output: str = ""
     error: str = ""
-    execution_id: str | None = None
+    uniq_id: str | None = Field(default=None, alias="execution_id")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class StreamedResult(BatchResult):
+    """One NDJSON line of ``POST /batch/stream``, sent as soon as its call finishes."""
+
+    index: int
+
+
+class SandboxHealth(BaseModel):
+    """``GET /health`` (open, for orchestrators' checks)."""
+
+    status: str
+    slots: int
+    busy_slots: int
+    isolation: str
+    network: bool
+    version: str
+    # Protocol 1 sandboxes did not report these; absent means 1 and a sandbox never seen before.
+    protocol_version: int = 1
+    uptime_s: float = 0.0
+    # New at every start: a sandbox restarted at the same address is a different sandbox.
+    instance_id: str = ""
+
+
+class SlotState(BaseModel):
+    """One slot in ``GET /slots``."""
+
+    slot_id: str
+    busy: bool = False
+    pending: int = 0
+    # Calls the slot ran since the sandbox started: a slot with calls holds someone's files.
+    calls: int = 0
+    restarts: int = 0
+    pid: int | None = None
+    alive: bool = False
+    started_at: float | None = None
+
+
+class SlotsResponse(BaseModel):
+    slots: list[SlotState]
+
+
 class SlotRequest(BaseModel):
+    slot_id: str
+
+
+class ResetResponse(BaseModel):
+    status: str = "ok"
     slot_id: str
 
 

@@ -43,7 +43,7 @@ from atropos_agent.sandbox.protocol import (
 )
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.sandbox.slot import Slot, SlotBusy, wipe_dir
-from atropos_agent.tools.registry import SANDBOX_TOOLS
+from atropos_agent.sandbox.tools import SANDBOX_TOOLS
 from atropos_agent.web import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
@@ -61,7 +61,7 @@ def batch_failure(item: BatchItem, exc: Exception) -> dict[str, Any]:
         "success": False,
         "output": "",
         "error": f"{item.slot_id}: {exc}",
-        "execution_id": item.execution_id,
+        "execution_id": item.uniq_id,
         "metadata": {"slot_id": item.slot_id},
     }
 
@@ -218,7 +218,7 @@ class Sandbox:
 
             def finished(number: int, answer: dict[str, Any]) -> None:
                 position = positions[number]
-                answer["execution_id"] = items[position].execution_id
+                answer["execution_id"] = items[position].uniq_id
                 answer.setdefault("metadata", {})["slot_id"] = slot_id
                 results[position] = answer
                 if on_result is not None:

@@ -6,16 +6,11 @@ Every name the old service read keeps its meaning and default; booleans accept
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-MIN_TIMEOUT_S = 1.0
-MAX_TIMEOUT_S = 600.0
-DEFAULT_TIMEOUT_S = 30.0
 
 
 class ExecutorSettings(BaseSettings):
@@ -88,7 +83,7 @@ class ExecutorSettings(BaseSettings):
         validation_alias=AliasChoices("TOOL_EXECUTOR_NOMAD_CLIENT_KEY", "NOMAD_CLIENT_KEY"),
     )
     nomad_timeout_s: float = Field(default=10.0, gt=0, description="per Nomad API request")
-    # The sandbox job (see atropos_agent/backends/nomad_job.py and nomad/sandbox.nomad.hcl).
+    # The sandbox job (executor/backends/nomad_job.py and nomad/sandbox.nomad.hcl).
     nomad_driver: Literal["docker", "raw_exec"] = "docker"
     nomad_datacenters: list[str] = Field(default_factory=lambda: ["*"])
     nomad_cpu_mhz: int = Field(default=1000, ge=100)
@@ -111,15 +106,3 @@ class ExecutorSettings(BaseSettings):
     @property
     def batch_window_s(self) -> float:
         return self.batch_window_ms / 1000
-
-
-def effective_timeout(timeout_s: float | None, arguments_timeout: object) -> float:
-    """The protocol's rule: ``timeout_s``, else a numeric ``arguments.timeout``, clamped 1..600."""
-    chosen: float = DEFAULT_TIMEOUT_S
-    if timeout_s is not None:
-        chosen = timeout_s
-    elif isinstance(arguments_timeout, int | float) and not isinstance(arguments_timeout, bool):
-        chosen = float(arguments_timeout)
-    if math.isnan(chosen):
-        chosen = DEFAULT_TIMEOUT_S
-    return min(max(chosen, MIN_TIMEOUT_S), MAX_TIMEOUT_S)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from atropos_agent.backends.base import Backend, BackendError
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.backends.base import Backend, BackendError
+from atropos_agent.executor.settings import ExecutorSettings
 
 
 def create_backend(settings: ExecutorSettings) -> Backend:
     if settings.backend == "local":
-        from atropos_agent.backends.local import LocalBackend
+        from atropos_agent.executor.backends.local import LocalBackend
 
         return LocalBackend(settings)
     if settings.backend == "nomad":
-        from atropos_agent.backends.nomad import NomadBackend
+        from atropos_agent.executor.backends.nomad import NomadBackend
 
         return NomadBackend(settings)
     raise BackendError(f"unknown backend {settings.backend!r} (local, nomad)")

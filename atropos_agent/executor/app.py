@@ -1,6 +1,6 @@
 """The executor service's HTTP routes (docs/protocol.md). Routes only: the work is in executor/.
 
-``atropos_agent.api.tool_executor_server:app`` reads its settings from the environment;
+``atropos_agent.executor.app:app`` reads its settings from the environment;
 ``create_app(settings)`` builds one with explicit settings.
 """
 
@@ -17,16 +17,17 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from atropos_agent import __version__
-from atropos_agent.backends import create_backend
-from atropos_agent.backends.base import BackendError
-from atropos_agent.backends.pool import Pool
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.backends import create_backend
+from atropos_agent.executor.backends.base import BackendError
 from atropos_agent.executor.executor import (
     Executor,
     QueueFull,
     TrajectoryBusy,
     UnknownTrajectory,
 )
+from atropos_agent.executor.external_tools import ExternalTools
+from atropos_agent.executor.pool import Pool
+from atropos_agent.executor.settings import ExecutorSettings
 from atropos_agent.models import (
     ArtifactArchiveRequest,
     ArtifactArchiveResponse,
@@ -40,8 +41,7 @@ from atropos_agent.models import (
     ReleaseRequest,
     ToolResult,
 )
-from atropos_agent.tools.external import ExternalTools
-from atropos_agent.tools.registry import SANDBOX_TOOL_SCHEMAS
+from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
 from atropos_agent.web import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,

@@ -27,9 +27,9 @@ from typing import Any
 import aiohttp
 import httpx
 
-from atropos_agent.backends.base import Backend, BackendError, SandboxInfo
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.backends.base import Backend, BackendError, SandboxInfo
 from atropos_agent.executor.batcher import Batcher
+from atropos_agent.executor.settings import ExecutorSettings
 
 log = logging.getLogger("atropos.pool")
 

@@ -29,15 +29,15 @@ import nomad
 import nomad.api.exceptions as nomad_errors
 import requests
 
-from atropos_agent.backends.base import Backend, BackendError, SandboxInfo
-from atropos_agent.backends.nomad_job import (
+from atropos_agent.executor.backends.base import Backend, BackendError, SandboxInfo
+from atropos_agent.executor.backends.nomad_job import (
     GROUP,
     PORT_LABEL,
     SPEC_HASH_META,
     build_job,
     token_variable_path,
 )
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.settings import ExecutorSettings
 
 log = logging.getLogger("atropos.backend.nomad")
 

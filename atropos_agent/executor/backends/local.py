@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
-from atropos_agent.backends.base import Backend, BackendError, SandboxInfo
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.backends.base import Backend, BackendError, SandboxInfo
+from atropos_agent.executor.settings import ExecutorSettings
 
 log = logging.getLogger("atropos.backend.local")
 

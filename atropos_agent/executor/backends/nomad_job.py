@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from atropos_agent.config import ExecutorSettings
+from atropos_agent.executor.settings import ExecutorSettings
 
 GROUP = "sandbox"
 TASK = "sandbox-server"

@@ -1,0 +1,138 @@
+"""Every error this project raises on purpose: one tree under ``AtroposError``.
+
+Each class knows the HTTP status a server answers it with (``status_code``) and, for the
+retryable ones, the ``Retry-After`` seconds; the message says what failed and what to do.
+Both servers turn any ``AtroposError`` into ``{"error": message}`` with that status
+(``web.install_error_handlers``), so a route never maps errors by hand.
+
+    AtroposError
+    ├── RequestRefused          the caller asked for something that cannot be done now
+    │   ├── QueueFull               503: too many calls in the service
+    │   ├── UnknownTrajectory       404: the trajectory holds no lease
+    │   ├── TrajectoryBusy          409: a release waited too long for a running call
+    │   ├── NoFreeSlot              503: no slot became free within the acquire timeout
+    │   ├── UnknownSlot             404: the sandbox has no such slot
+    │   ├── InvalidBatch            400: a batch item names no tool the sandbox has
+    │   └── SlotBusy                503: too many calls already wait for one slot
+    ├── Unavailable             a part the service depends on failed
+    │   ├── BackendError            503: sandboxes cannot be started, found or stopped
+    │   ├── SandboxUnavailable      502: a sandbox did not answer, or failed mid-batch
+    │   │   └── ProtocolMismatch        502: a sandbox speaks a protocol this executor cannot
+    │   ├── ExternalToolError       502: the external tool server could not run a call
+    │   └── IsolationUnavailable    500: bubblewrap cannot create a sandbox on this host
+    └── ExecutorError           (client side) the executor service refused a request
+
+The slot agent (``sandbox/agent``) keeps its own ``ToolError``: it runs on the sandbox's
+python3, outside this package, and its failures travel as results, not exceptions.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AtroposError(Exception):
+    """The root: anything this project raises on purpose."""
+
+    status_code: ClassVar[int] = 500
+    # Seconds a client should wait before retrying; None when retrying will not help.
+    retry_after: ClassVar[int | None] = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+class RequestRefused(AtroposError):
+    """The request is valid but cannot be served now; the message says what to do."""
+
+    status_code = 400
+
+
+class QueueFull(RequestRefused):
+    """More calls are in the service than its queue bound allows."""
+
+    status_code = 503
+    retry_after = 1
+
+
+class UnknownTrajectory(RequestRefused):
+    """A release or artifact call named a trajectory that holds no lease."""
+
+    status_code = 404
+
+
+class TrajectoryBusy(RequestRefused):
+    """A release waited for the trajectory's running call longer than it may."""
+
+    status_code = 409
+
+
+class NoFreeSlot(RequestRefused):
+    """No slot became free within the acquire timeout."""
+
+    status_code = 503
+    retry_after = 1
+
+
+class UnknownSlot(RequestRefused):
+    """A sandbox request named a slot the sandbox does not have."""
+
+    status_code = 404
+
+
+class InvalidBatch(RequestRefused):
+    """A batch item names a tool the sandbox does not have."""
+
+    status_code = 400
+
+
+class SlotBusy(RequestRefused):
+    """Too many calls are already waiting for one slot."""
+
+    status_code = 503
+    retry_after = 1
+
+
+class Unavailable(AtroposError):
+    """Something the service depends on failed; the message names it."""
+
+    status_code = 503
+
+
+class BackendError(Unavailable):
+    """The backend cannot start, find or stop sandboxes."""
+
+
+class SandboxUnavailable(Unavailable):
+    """A sandbox did not answer: unreachable, refused, or failed mid-batch."""
+
+    status_code = 502
+
+
+class ProtocolMismatch(SandboxUnavailable):
+    """A sandbox speaks a protocol version this executor cannot drive."""
+
+
+class ExternalToolError(Unavailable):
+    """The external tool server could not run a call."""
+
+    status_code = 502
+
+
+class IsolationUnavailable(Unavailable):
+    """bubblewrap cannot create a sandbox on this host."""
+
+    status_code = 500
+
+
+class ExecutorError(AtroposError):
+    """The executor service answered an HTTP error; ``status`` is its status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
