@@ -19,13 +19,17 @@ install: system-deps
 run: install
 	$(PYTHON) -m atropos_agent.cli serve --host $(HOST) --port $(PORT)
 
+# The layering contract (pyproject's [tool.importlinter]): a lower layer never imports an upper one.
+LINT_IMPORTS := from importlinter.cli import lint_imports_command; lint_imports_command()
+
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
+	$(PYTHON) -c '$(LINT_IMPORTS)' --no-cache
 
 # The executor's end-to-end suite runs twice: on the local backend, and with its pool on the
-# Nomad API double (tests/nomad_double).
+# Nomad API double (harness/nomad_double).
 test: install lint
 	$(PYTHON) -m pytest -q
 	TEST_BACKEND=nomad $(PYTHON) -m pytest -q tests/test_executor_leases.py \

@@ -10,61 +10,118 @@
 ``AsyncExecutorClient`` has the same methods as coroutines. HTTP errors (401, 404, 503...)
 raise ``ExecutorError`` with the service's message; a tool that failed is not an error, it is a
 ``ToolResult`` with ``success`` false.
+
+Laid out as httpx lays out its own clients: ``BaseClient`` knows, for every route, the request
+to send and what its answer becomes (a ``Call``); ``ExecutorClient`` and
+``AsyncExecutorClient`` only send it, one over ``httpx.Client``, the other over
+``httpx.AsyncClient``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
+from atropos_agent.errors import ExecutorError
 from atropos_agent.models import (
     MAX_TIMEOUT_S,
     ArtifactArchiveResponse,
     ArtifactListResponse,
     ArtifactReadResponse,
+    ExecuteBatchResponse,
+    ReleaseResponse,
+    StatusResponse,
     ToolCall,
     ToolResult,
 )
 
+__all__ = ["AsyncExecutorClient", "BaseClient", "Call", "ExecutorClient", "ExecutorError"]
+
 # The HTTP read timeout covers the longest command the service honours, plus its grace.
 READ_TIMEOUT_S = MAX_TIMEOUT_S + 90
 
-
-class ExecutorError(Exception):
-    """The service refused a request; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
+T = TypeVar("T")
+A = TypeVar("A", ArtifactReadResponse, ArtifactListResponse, ArtifactArchiveResponse)
 
 
-def _checked(response: httpx.Response) -> Any:
-    if response.status_code >= 400:
-        try:
-            message = str(response.json().get("error") or response.text)
-        except ValueError:
-            message = response.text
-        raise ExecutorError(response.status_code, message)
-    return response.json()
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request to the service, and how its answer's JSON becomes the value returned."""
+
+    method: Literal["GET", "POST"]
+    path: str
+    body: dict[str, Any] | None
+    parse: Callable[[Any], T]
+
+    def answer(self, response: httpx.Response) -> T:
+        """The parsed answer; ``ExecutorError`` when the service refused the request."""
+        if response.status_code >= 400:
+            raise ExecutorError(response.status_code, error_message(response))
+        return self.parse(response.json())
 
 
-def _execute_body(
-    trajectory_id: str, tool: str, arguments: dict[str, Any] | None, timeout_s: float | None
-) -> dict[str, Any]:
-    call = ToolCall(name=tool, arguments=arguments or {})
-    return {"trajectory_id": trajectory_id, "tool": call.model_dump(), "timeout_s": timeout_s}
+def error_message(response: httpx.Response) -> str:
+    """The service's own words (``{"error": ...}``, or FastAPI's ``detail``), else the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("detail") or response.text)
+    return response.text
 
 
-def _options(token: str | None) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return {"headers": headers, "timeout": httpx.Timeout(30.0, read=READ_TIMEOUT_S)}
+def batch_results(answer: Any) -> list[ToolResult]:
+    return ExecuteBatchResponse.model_validate(answer).results
 
 
-class ExecutorClient:
+class BaseClient:
+    """What both clients share: the service's address and credentials, and for each route the
+    ``Call`` (method, path, body, and the model its answer becomes). Subclasses only send."""
+
     def __init__(self, url: str, token: str | None = None) -> None:
-        self.http = httpx.Client(base_url=url, **_options(token))
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout = httpx.Timeout(30.0, read=READ_TIMEOUT_S)
+
+    def _execute(
+        self,
+        trajectory_id: str,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        timeout_s: float | None,
+    ) -> Call[ToolResult]:
+        call = ToolCall(name=tool, arguments=arguments or {})
+        body = {"trajectory_id": trajectory_id, "tool": call.model_dump(), "timeout_s": timeout_s}
+        return Call("POST", "/execute", body, ToolResult.model_validate)
+
+    def _execute_batch(self, calls: list[dict[str, Any]]) -> Call[list[ToolResult]]:
+        return Call("POST", "/execute_batch", {"calls": calls}, batch_results)
+
+    def _release(self, trajectory_id: str, reset_workspace: bool) -> Call[ReleaseResponse]:
+        body = {"trajectory_id": trajectory_id, "reset_workspace": reset_workspace}
+        return Call("POST", "/release", body, ReleaseResponse.model_validate)
+
+    @staticmethod
+    def _artifact(
+        route: str, answer: type[A], trajectory_id: str, path: str, options: dict[str, Any]
+    ) -> Call[A]:
+        body = {"trajectory_id": trajectory_id, "path": path, **options}
+        return Call("POST", f"/artifacts/{route}", body, answer.model_validate)
+
+    def _status(self) -> Call[StatusResponse]:
+        return Call("GET", "/status", None, StatusResponse.model_validate)
+
+
+class ExecutorClient(BaseClient):
+    """The executor's routes over a blocking ``httpx.Client``."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
+        super().__init__(url, token)
+        self.http = httpx.Client(base_url=url, headers=self.headers, timeout=self.timeout)
 
     def __enter__(self) -> ExecutorClient:
         return self
@@ -75,6 +132,9 @@ class ExecutorClient:
     def close(self) -> None:
         self.http.close()
 
+    def _send(self, call: Call[T]) -> T:
+        return call.answer(self.http.request(call.method, call.path, json=call.body))
+
     def execute(
         self,
         trajectory_id: str,
@@ -82,49 +142,50 @@ class ExecutorClient:
         arguments: dict[str, Any] | None = None,
         timeout_s: float | None = None,
     ) -> ToolResult:
-        body = _execute_body(trajectory_id, tool, arguments, timeout_s)
-        return ToolResult.model_validate(_checked(self.http.post("/execute", json=body)))
+        """Run one tool call in the trajectory's slot (leased on its first call)."""
+        return self._send(self._execute(trajectory_id, tool, arguments, timeout_s))
 
     def execute_batch(self, calls: list[dict[str, Any]]) -> list[ToolResult]:
         """``calls``: ExecuteRequest dicts (``trajectory_id``, ``tool``, ``timeout_s``)."""
-        answer = _checked(self.http.post("/execute_batch", json={"calls": calls}))
-        return [ToolResult.model_validate(result) for result in answer["results"]]
+        return self._send(self._execute_batch(calls))
 
-    def release(self, trajectory_id: str, reset_workspace: bool = False) -> dict[str, Any]:
-        body = {"trajectory_id": trajectory_id, "reset_workspace": reset_workspace}
-        answer: dict[str, Any] = _checked(self.http.post("/release", json=body))
-        return answer
+    def release(self, trajectory_id: str, reset_workspace: bool = False) -> ReleaseResponse:
+        """Give the trajectory's slot back; ``reset_workspace`` wipes it first."""
+        return self._send(self._release(trajectory_id, reset_workspace))
 
     def read_artifact(self, trajectory_id: str, path: str, **options: Any) -> ArtifactReadResponse:
-        body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return ArtifactReadResponse.model_validate(
-            _checked(self.http.post("/artifacts/read", json=body))
+        """One file of the workspace; ``options``: ``encoding``, ``max_bytes``."""
+        return self._send(
+            self._artifact("read", ArtifactReadResponse, trajectory_id, path, options)
         )
 
     def list_artifacts(
         self, trajectory_id: str, path: str = ".", **options: Any
     ) -> ArtifactListResponse:
-        body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return ArtifactListResponse.model_validate(
-            _checked(self.http.post("/artifacts/list", json=body))
+        """Entries below ``path``; ``options``: ``recursive``, ``max_entries``."""
+        return self._send(
+            self._artifact("list", ArtifactListResponse, trajectory_id, path, options)
         )
 
     def archive_artifacts(
         self, trajectory_id: str, path: str = ".", **options: Any
     ) -> ArtifactArchiveResponse:
-        body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return ArtifactArchiveResponse.model_validate(
-            _checked(self.http.post("/artifacts/archive", json=body))
+        """A base64 tar.gz of ``path``; ``options``: ``format``, ``max_bytes``, ``max_entries``."""
+        return self._send(
+            self._artifact("archive", ArtifactArchiveResponse, trajectory_id, path, options)
         )
 
-    def status(self) -> dict[str, Any]:
-        answer: dict[str, Any] = _checked(self.http.get("/status"))
-        return answer
+    def status(self) -> StatusResponse:
+        """``GET /status``: queue, counters and the pool."""
+        return self._send(self._status())
 
 
-class AsyncExecutorClient:
+class AsyncExecutorClient(BaseClient):
+    """The executor's routes as coroutines over ``httpx.AsyncClient``."""
+
     def __init__(self, url: str, token: str | None = None) -> None:
-        self.http = httpx.AsyncClient(base_url=url, **_options(token))
+        super().__init__(url, token)
+        self.http = httpx.AsyncClient(base_url=url, headers=self.headers, timeout=self.timeout)
 
     async def __aenter__(self) -> AsyncExecutorClient:
         return self
@@ -135,6 +196,9 @@ class AsyncExecutorClient:
     async def close(self) -> None:
         await self.http.aclose()
 
+    async def _send(self, call: Call[T]) -> T:
+        return call.answer(await self.http.request(call.method, call.path, json=call.body))
+
     async def execute(
         self,
         trajectory_id: str,
@@ -142,34 +206,41 @@ class AsyncExecutorClient:
         arguments: dict[str, Any] | None = None,
         timeout_s: float | None = None,
     ) -> ToolResult:
-        body = _execute_body(trajectory_id, tool, arguments, timeout_s)
-        return ToolResult.model_validate(_checked(await self.http.post("/execute", json=body)))
+        """Run one tool call in the trajectory's slot (leased on its first call)."""
+        return await self._send(self._execute(trajectory_id, tool, arguments, timeout_s))
 
     async def execute_batch(self, calls: list[dict[str, Any]]) -> list[ToolResult]:
-        answer = _checked(await self.http.post("/execute_batch", json={"calls": calls}))
-        return [ToolResult.model_validate(result) for result in answer["results"]]
+        """``calls``: ExecuteRequest dicts (``trajectory_id``, ``tool``, ``timeout_s``)."""
+        return await self._send(self._execute_batch(calls))
 
-    async def release(self, trajectory_id: str, reset_workspace: bool = False) -> dict[str, Any]:
-        body = {"trajectory_id": trajectory_id, "reset_workspace": reset_workspace}
-        answer: dict[str, Any] = _checked(await self.http.post("/release", json=body))
-        return answer
+    async def release(self, trajectory_id: str, reset_workspace: bool = False) -> ReleaseResponse:
+        """Give the trajectory's slot back; ``reset_workspace`` wipes it first."""
+        return await self._send(self._release(trajectory_id, reset_workspace))
 
     async def read_artifact(
         self, trajectory_id: str, path: str, **options: Any
     ) -> ArtifactReadResponse:
-        body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return ArtifactReadResponse.model_validate(
-            _checked(await self.http.post("/artifacts/read", json=body))
+        """One file of the workspace; ``options``: ``encoding``, ``max_bytes``."""
+        return await self._send(
+            self._artifact("read", ArtifactReadResponse, trajectory_id, path, options)
         )
 
     async def list_artifacts(
         self, trajectory_id: str, path: str = ".", **options: Any
     ) -> ArtifactListResponse:
-        body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return ArtifactListResponse.model_validate(
-            _checked(await self.http.post("/artifacts/list", json=body))
+        """Entries below ``path``; ``options``: ``recursive``, ``max_entries``."""
+        return await self._send(
+            self._artifact("list", ArtifactListResponse, trajectory_id, path, options)
         )
 
-    async def status(self) -> dict[str, Any]:
-        answer: dict[str, Any] = _checked(await self.http.get("/status"))
-        return answer
+    async def archive_artifacts(
+        self, trajectory_id: str, path: str = ".", **options: Any
+    ) -> ArtifactArchiveResponse:
+        """A base64 tar.gz of ``path``; ``options``: ``format``, ``max_bytes``, ``max_entries``."""
+        return await self._send(
+            self._artifact("archive", ArtifactArchiveResponse, trajectory_id, path, options)
+        )
+
+    async def status(self) -> StatusResponse:
+        """``GET /status``: queue, counters and the pool."""
+        return await self._send(self._status())

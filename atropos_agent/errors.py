@@ -19,7 +19,8 @@ Both servers turn any ``AtroposError`` into ``{"error": message}`` with that sta
     │   ├── SandboxUnavailable      502: a sandbox did not answer, or failed mid-batch
     │   │   └── ProtocolMismatch        502: a sandbox speaks a protocol this executor cannot
     │   ├── ExternalToolError       502: the external tool server could not run a call
-    │   └── IsolationUnavailable    500: bubblewrap cannot create a sandbox on this host
+    │   ├── IsolationUnavailable    500: bubblewrap cannot create a sandbox on this host
+    │   └── SandboxStartError       500: a sandbox server or one of its slots cannot start
     └── ExecutorError           (client side) the executor service refused a request
 
 The slot agent (``sandbox/agent``) keeps its own ``ToolError``: it runs on the sandbox's
@@ -125,6 +126,12 @@ class ExternalToolError(Unavailable):
 
 class IsolationUnavailable(Unavailable):
     """bubblewrap cannot create a sandbox on this host."""
+
+    status_code = 500
+
+
+class SandboxStartError(Unavailable):
+    """A sandbox server cannot start (data dir, slot uids, python3), or a slot's agent cannot."""
 
     status_code = 500
 

@@ -10,7 +10,7 @@ import math
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # The protocol's timeout rule: ``timeout_s``, else a numeric ``arguments.timeout``, clamped.
 MIN_TIMEOUT_S = 1.0
@@ -35,6 +35,11 @@ class ToolResult(BaseModel):
     error: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
     uniq_id: str | None = None
+
+    @classmethod
+    def failure(cls, message: str, **metadata: Any) -> ToolResult:
+        """A call that could not run; ``metadata`` says why in machine-readable form."""
+        return cls(success=False, error=message, metadata=metadata)
 
 
 class ArtifactReadResponse(BaseModel):
@@ -113,6 +118,59 @@ class ExecuteBatchResponse(BaseModel):
 class ReleaseRequest(BaseModel):
     trajectory_id: str
     reset_workspace: bool = False
+
+
+class ReleaseResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    # False when the trajectory held no slot any more (its lease had expired or was lost).
+    released: bool
+    note: str | None = None
+
+
+class ServiceInfo(BaseModel):
+    """``GET /``."""
+
+    message: str
+    version: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "starting", "degraded"]
+    reason: str | None = None
+
+
+class StatusResponse(BaseModel):
+    """``GET /status``: the old service's keys, and everything new beside them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    queue_size: int
+    total_requests: int
+    total_errors: int
+    pool: dict[str, Any]
+
+
+class ToolsResponse(BaseModel):
+    """``GET /tools``: OpenAI-style function schemas."""
+
+    tools: list[dict[str, Any]]
+
+
+class TrajectoryInfo(BaseModel):
+    trajectory_id: str
+    sandbox_id: str | None
+    slot_id: str | None
+    age_s: float
+    idle_s: float
+    calls: int
+    in_flight: int
+
+
+class TrajectoriesResponse(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    trajectories: list[TrajectoryInfo]
 
 
 class ArtifactReadRequest(ArtifactReadFields):

@@ -1,48 +1,21 @@
-"""Helpers shared by the benchmarks: ports, child processes, and what machine ran them."""
+"""Helpers shared by the benchmarks: what machine ran them, and a lean load generator.
+
+Servers are started, waited for and stopped with ``harness.servers``, like the tests do.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
-from atropos_agent.executor.backends.local import free_port
+__all__ = ["QUIET", "JsonClient", "machine_summary"]
 
-__all__ = [
-    "JsonClient",
-    "bench_dir",
-    "free_port",
-    "machine_summary",
-    "start_executor_server",
-    "start_sandbox_server",
-    "wait_healthy",
-]
-
-
-async def wait_healthy(
-    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=5) as client:
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server exited with status {process.returncode}")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{url} did not become healthy within {timeout_s}s")
+# Command-line options for the servers a benchmark starts: logging a line per call would
+# cost them CPU the measurement should not include.
+QUIET = ("--log-level", "warning")
 
 
 def machine_summary() -> str:
@@ -88,54 +61,3 @@ class JsonClient:
 
     async def close(self) -> None:
         await self.session.close()
-
-
-def bench_dir() -> Path:
-    """A scratch directory the slots' own uids can traverse (mkdtemp makes it 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="atropos-bench-"))
-    path.chmod(0o711)
-    return path
-
-
-def start_sandbox_server(
-    port: int, slots: int, data_dir: Path, token: str | None = None, *extra: str
-) -> subprocess.Popen[bytes]:
-    """``python -m atropos_agent.sandbox`` with none of this shell's ATROPOS_SANDBOX_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATROPOS_SANDBOX_")}
-    if token:
-        env["ATROPOS_SANDBOX_TOKEN"] = token
-    argv = [
-        sys.executable,
-        "-m",
-        "atropos_agent.sandbox",
-        "--port",
-        str(port),
-        "--slots",
-        str(slots),
-        "--data-dir",
-        str(data_dir),
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
-
-
-def start_executor_server(
-    port: int, settings: dict[str, str], log_path: Path | None = None, cwd: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """``atropos-tool-executor serve`` with exactly ``settings`` as its TOOL_EXECUTOR_* ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
-    env.update(settings)
-    argv = [
-        sys.executable,
-        "-m",
-        "atropos_agent.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    output = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=cwd)

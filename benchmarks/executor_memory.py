@@ -19,14 +19,9 @@ import time
 
 import httpx
 
-from benchmarks.common import (
-    bench_dir,
-    free_port,
-    machine_summary,
-    start_executor_server,
-    wait_healthy,
-)
+from benchmarks.common import QUIET, machine_summary
 from benchmarks.slot_memory import smaps
+from harness.servers import start_executor
 
 TOKEN = "bench-token"
 MIB = 1024 * 1024
@@ -38,24 +33,21 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=128)
     args = parser.parse_args()
     sandboxes = math.ceil(args.trajectories / args.slots)
-    data_dir = bench_dir()
-    port = free_port()
     settings = {
-        "TOOL_EXECUTOR_TOKEN": TOKEN,
         "TOOL_EXECUTOR_SLOTS": str(args.slots),
         "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
         "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
-        "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
         "TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S": "600",
         "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "300",
     }
-    process = start_executor_server(port, settings)
+    server = start_executor(
+        env=settings, defaults={}, token=TOKEN, backend="local", args=QUIET, timeout_s=900
+    )
     try:
-        await wait_healthy(f"http://127.0.0.1:{port}/health", 900, process)
-        before = smaps(process.pid)
+        before = smaps(server.process.pid)
         limits = httpx.Limits(max_connections=256)
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
+            base_url=server.url,
             timeout=300,
             headers={"Authorization": f"Bearer {TOKEN}"},
             limits=limits,
@@ -76,10 +68,9 @@ async def main() -> None:
             leased_in = time.perf_counter() - started
             status = (await client.get("/status")).json()
             assert status["leases"] == args.trajectories, status["leases"]
-        after = smaps(process.pid)
+        after = smaps(server.process.pid)
     finally:
-        process.terminate()
-        process.wait(timeout=120)
+        server.stop(timeout_s=120)
     report = {
         "benchmark": "executor_memory",
         "machine": machine_summary(),

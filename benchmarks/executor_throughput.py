@@ -24,29 +24,19 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
-from benchmarks.common import (
-    JsonClient,
-    bench_dir,
-    free_port,
-    machine_summary,
-    start_executor_server,
-    start_sandbox_server,
-    wait_healthy,
-)
+from benchmarks.common import QUIET, JsonClient, machine_summary
+from harness.servers import ServerProcess, start_executor, start_sandbox, wait_until_healthy
 
 COMMAND = "echo hi"
 TOKEN = "bench-token"
 
 
-def executor_settings(data_dir: Path, slots: int, sandboxes: int) -> dict[str, str]:
+def executor_settings(slots: int, sandboxes: int) -> dict[str, str]:
     return {
-        "TOOL_EXECUTOR_TOKEN": TOKEN,
         "TOOL_EXECUTOR_SLOTS": str(slots),
         "TOOL_EXECUTOR_MIN_CONTAINERS": str(sandboxes),
         "TOOL_EXECUTOR_MAX_CONTAINERS": str(sandboxes),
-        "TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(data_dir / "pool"),
         "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
     }
 
@@ -122,21 +112,20 @@ async def main() -> None:
     args = parser.parse_args()
     sandboxes = math.ceil(args.trajectories / args.slots)
 
-    data_dir = bench_dir()
-    executor_port = free_port()
-    direct_ports = [free_port() for _ in range(sandboxes)]
-    settings = executor_settings(data_dir, args.slots, sandboxes)
-    processes = [start_executor_server(executor_port, settings, data_dir / "executor.log")]
-    processes += [
-        start_sandbox_server(port, args.slots, data_dir / f"direct-{i}", TOKEN)
-        for i, port in enumerate(direct_ports)
+    settings = executor_settings(args.slots, sandboxes)
+    executor_server = start_executor(
+        env=settings, defaults={}, token=TOKEN, backend="local", args=QUIET, wait=False
+    )
+    direct_servers = [
+        start_sandbox(slots=args.slots, token=TOKEN, args=QUIET, wait=False)
+        for _ in range(sandboxes)
     ]
+    servers: list[ServerProcess] = [executor_server, *direct_servers]
     try:
-        await wait_healthy(f"http://127.0.0.1:{executor_port}/health", 180, processes[0])
-        for port, process in zip(direct_ports, processes[1:], strict=True):
-            await wait_healthy(f"http://127.0.0.1:{port}/health", 180, process)
-        executor = JsonClient(f"http://127.0.0.1:{executor_port}", TOKEN)
-        direct = [JsonClient(f"http://127.0.0.1:{port}", TOKEN) for port in direct_ports]
+        for server in servers:
+            wait_until_healthy(server, 180)
+        executor = JsonClient(executor_server.url, TOKEN)
+        direct = [JsonClient(server.url, TOKEN) for server in direct_servers]
         # Warm-up: every trajectory leases once, every direct slot runs once.
         await executor_round(executor, args.trajectories, 1, "warm")
         await direct_round(direct, args.slots, args.trajectories, 1)
@@ -171,10 +160,8 @@ async def main() -> None:
         for client in direct:
             await client.close()
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
+        for server in servers:
+            server.stop(timeout_s=60)
 
     executor_median = statistics.median(executor_rates)
     direct_median = statistics.median(direct_rates)

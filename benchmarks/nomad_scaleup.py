@@ -2,7 +2,7 @@
 
     python -m benchmarks.nomad_scaleup [--rounds 3] [--burst 6]
 
-The executor's pool runs on the Nomad API double (tests/nomad_double), which places
+The executor's pool runs on the Nomad API double (harness/nomad_double), which places
 allocations at once and starts each sandbox as a local process (as raw_exec does). So the
 figure is the executor's own share: noticing the waiting demand, the scale request, finding
 the new allocation, its sandbox server starting, admitting it. The same run measures how long
@@ -18,35 +18,23 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import (
-    JsonClient,
-    bench_dir,
-    free_port,
-    machine_summary,
-    start_executor_server,
-    start_sandbox_server,
-    wait_healthy,
-)
-from tests.nomad_double import NomadDouble
+from benchmarks.common import QUIET, JsonClient, machine_summary
+from harness.servers import start_executor, start_nomad_double, start_sandbox, wait_until_healthy
 
 TOKEN = "bench-token"
 ACL = "bench-acl"
 JOB = "atropos-sandbox-tool-executor"
 
 
-async def sandbox_start_seconds(root: Path) -> float:
+def sandbox_start_seconds() -> float:
     """One sandbox server (2 slots) from process start to a healthy /health."""
-    port = free_port()
     started = time.perf_counter()
-    process = start_sandbox_server(port, 2, root / f"solo-{port}")
+    server = start_sandbox(slots=2, token=None, args=QUIET, timeout_s=60)
     try:
-        await wait_healthy(f"http://127.0.0.1:{port}/health", 60, process)
         return time.perf_counter() - started
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 async def burst(client: JsonClient, size: int, tag: str, known: set[str]) -> float:
@@ -78,21 +66,9 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=6)
     args = parser.parse_args()
 
-    root = bench_dir()
-    (root / "nomad").mkdir()
-    (root / "nomad").chmod(0o711)
-    double = NomadDouble(acl_token=ACL, root=root / "nomad")
-    double.start()
-    port = free_port()
+    double = start_nomad_double(acl_token=ACL)
+    # Beside these, harness.servers.nomad_settings: raw_exec tasks of this Python, 500 MHz, 512 MB.
     settings = {
-        "TOOL_EXECUTOR_TOKEN": TOKEN,
-        "TOOL_EXECUTOR_BACKEND": "nomad",
-        "TOOL_EXECUTOR_NOMAD_ADDRESS": double.address,
-        "NOMAD_TOKEN": ACL,
-        "TOOL_EXECUTOR_NOMAD_DRIVER": "raw_exec",
-        "TOOL_EXECUTOR_NOMAD_RAW_EXEC_COMMAND": sys.executable,
-        "TOOL_EXECUTOR_NOMAD_CPU_MHZ": "500",
-        "TOOL_EXECUTOR_NOMAD_MEMORY_MB": "512",
         "TOOL_EXECUTOR_SLOTS": "2",
         "TOOL_EXECUTOR_MIN_CONTAINERS": "1",
         "TOOL_EXECUTOR_MAX_CONTAINERS": str(1 + args.burst // 2),
@@ -100,13 +76,21 @@ async def main() -> None:
         "TOOL_EXECUTOR_HEALTH_INTERVAL_S": "2",
         "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
     }
-    executor = start_executor_server(port, settings, cwd=root)
-    client = JsonClient(f"http://127.0.0.1:{port}", TOKEN)
+    executor = start_executor(
+        env=settings,
+        defaults={},
+        token=TOKEN,
+        backend="nomad",
+        nomad=double,
+        args=QUIET,
+        wait=False,
+    )
+    client = JsonClient(executor.url, TOKEN)
     try:
-        await wait_healthy(f"http://127.0.0.1:{port}/health", 120, executor)
+        wait_until_healthy(executor, 120)
         firsts, solo = [], []
         for round_number in range(args.rounds):
-            solo.append(await sandbox_start_seconds(root))
+            solo.append(sandbox_start_seconds())
             status = await client.get("/status")
             known = {s["sandbox_id"] for s in status["pool"]["per_sandbox"]}
             firsts.append(await burst(client, args.burst, f"r{round_number}", known))
@@ -120,8 +104,7 @@ async def main() -> None:
                 await asyncio.sleep(0.1)
     finally:
         await client.close()
-        executor.terminate()
-        executor.wait(timeout=60)
+        executor.stop(timeout_s=60)
         double.close()
     report = {
         "benchmark": "nomad_scaleup",

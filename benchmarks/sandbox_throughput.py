@@ -26,13 +26,8 @@ import httpx
 from atropos_agent.sandbox import uids
 from atropos_agent.sandbox.isolation import SlotPaths, bwrap_prefix
 from atropos_agent.sandbox.settings import SandboxSettings
-from benchmarks.common import (
-    bench_dir,
-    free_port,
-    machine_summary,
-    start_sandbox_server,
-    wait_healthy,
-)
+from benchmarks.common import QUIET, machine_summary
+from harness.servers import start_sandbox, temporary_dir
 
 COMMAND = "echo hi"
 
@@ -63,12 +58,12 @@ async def baseline_round(
     settings: SandboxSettings,
     paths: list[SlotPaths],
     slot_uids: list[int | None],
-    agent: Path,
+    runtime_dir: Path,
     calls: int,
 ) -> float:
     slots = len(paths)
     shell = settings.slot_shell()
-    prefixes = [bwrap_prefix(settings, p, agent) for p in paths]
+    prefixes = [bwrap_prefix(settings, p, runtime_dir) for p in paths]
     remaining = [calls]
 
     async def worker(index: int) -> None:
@@ -114,43 +109,39 @@ async def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=300)
     args = parser.parse_args()
 
-    port = free_port()
     token = "bench-token"
-    data_dir = bench_dir()
-    server = start_sandbox_server(port, args.slots, data_dir / "server", token)
+    server = start_sandbox(slots=args.slots, token=token, args=QUIET)
     try:
-        base_url = f"http://127.0.0.1:{port}"
-        await wait_healthy(base_url + "/health", 60, server)
-        settings = SandboxSettings(slots=args.slots)
-        # The baseline's sandboxes run as uids of their own, like the server's slots.
-        claimed = uids.claim(settings.slot_uid_base, args.slots) if os.geteuid() == 0 else None
-        slot_uids = [claimed.uid(i) if claimed else None for i in range(args.slots)]
-        paths = []
-        for index in range(args.slots):
-            root = data_dir / "baseline" / f"slot_{index}"
-            paths.append(SlotPaths(root=root, workspace=root / "w", tmp=root / "t"))
-            uid = slot_uids[index]
-            for directory in (paths[-1].workspace, paths[-1].tmp):
-                directory.mkdir(parents=True)
-                if uid is not None:
-                    os.chown(directory, uid, uid)
-        (data_dir / "baseline").chmod(0o711)
-        data_dir.chmod(0o711)
-        agent = data_dir / "server" / "runtime" / "agent.py"
+        with temporary_dir() as baseline:
+            settings = SandboxSettings(slots=args.slots)
+            # The baseline's sandboxes run as uids of their own, like the server's slots.
+            claimed = uids.claim(settings.slot_uid_base, args.slots) if os.geteuid() == 0 else None
+            slot_uids = [claimed.uid(i) if claimed else None for i in range(args.slots)]
+            paths = []
+            for index in range(args.slots):
+                root = baseline / f"slot_{index}"
+                paths.append(SlotPaths(root=root, workspace=root / "w", tmp=root / "t"))
+                uid = slot_uids[index]
+                for directory in (paths[-1].workspace, paths[-1].tmp):
+                    directory.mkdir(parents=True)
+                    if uid is not None:
+                        os.chown(directory, uid, uid)
+            runtime_dir = server.data_dir / "runtime"
 
-        headers = {"Authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120) as client:
-            await server_round(client, args.slots, args.slots * 20)  # warm-up
-            p50, p99 = await idle_latency(client, args.latency_samples)
-            server_rates, baseline_rates = [], []
-            for _ in range(args.rounds):
-                server_rates.append(await server_round(client, args.slots, args.calls))
-                baseline_rates.append(
-                    await baseline_round(settings, paths, slot_uids, agent, args.calls)
-                )
+            headers = {"Authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(
+                base_url=server.url, headers=headers, timeout=120
+            ) as client:
+                await server_round(client, args.slots, args.slots * 20)  # warm-up
+                p50, p99 = await idle_latency(client, args.latency_samples)
+                server_rates, baseline_rates = [], []
+                for _ in range(args.rounds):
+                    server_rates.append(await server_round(client, args.slots, args.calls))
+                    baseline_rates.append(
+                        await baseline_round(settings, paths, slot_uids, runtime_dir, args.calls)
+                    )
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     server_median = statistics.median(server_rates)
     baseline_median = statistics.median(baseline_rates)

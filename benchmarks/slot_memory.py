@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.common import bench_dir, free_port, machine_summary, start_sandbox_server
+from benchmarks.common import QUIET, machine_summary
+from harness.servers import start_sandbox
 
 KIB = 1024
 
@@ -70,44 +68,28 @@ def measure(server_pid: int, slots: int) -> dict[str, float]:
     }
 
 
-def start_server(slots: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = start_sandbox_server(port, slots, bench_dir() / "data")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise TimeoutError("sandbox server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slots", type=int, default=16)
     args = parser.parse_args()
-    process, url = start_server(args.slots)
+    server = start_sandbox(slots=args.slots, token=None, args=QUIET)
     try:
         # Every slot runs one call first, so the figure is for a used, then idle, slot.
         items = [
             {"slot_id": f"slot_{i}", "tool": "terminal", "args": {"command": "true"}}
             for i in range(args.slots)
         ]
-        httpx.post(url + "/batch", json=items, timeout=60).raise_for_status()
+        server.client.post("/batch", json=items, timeout=60).raise_for_status()
         time.sleep(0.5)
         report = {
             "benchmark": "slot_memory",
             "machine": machine_summary(),
             "command": " ".join(["python -m benchmarks.slot_memory", *sys.argv[1:]]),
-            **measure(process.pid, args.slots),
+            **measure(server.process.pid, args.slots),
             "target_mib": 10,
         }
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
     print(json.dumps(report, indent=2))
 
 

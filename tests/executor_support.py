@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 
-from tests.conftest import ExecutorServer
+from harness.servers import DEFAULT_BACKEND, ExecutorServer
 
 T = TypeVar("T")
+
+# The executor suites run on the local backend, and again with TEST_BACKEND=nomad on the
+# Nomad API double (harness/nomad_double); some tests are about local child processes.
+local_backend_only = pytest.mark.skipif(
+    DEFAULT_BACKEND != "local", reason="about the local backend's child processes"
+)
 
 # Slot uids must not be shared with other sandbox servers on this host (other test runs,
 # benchmarks): a sandbox in isolation "none" kills every process of its slots' uids.

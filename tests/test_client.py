@@ -1,13 +1,53 @@
-"""The trainer-side client against the real executor."""
+"""The trainer-side client against the real executor: both clients, every method."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+from typing import Any
 
 import pytest
 
 from atropos_agent.client import AsyncExecutorClient, ExecutorClient, ExecutorError
-from tests.conftest import ExecutorServer
+from harness.servers import ExecutorServer
+
+METHODS = {
+    "execute",
+    "execute_batch",
+    "release",
+    "read_artifact",
+    "list_artifacts",
+    "archive_artifacts",
+    "status",
+    "close",
+}
+STATUS_KEYS = {"queue_size", "total_requests", "total_errors", "pool"}
+
+
+def batch_of(trajectory: str) -> list[dict[str, Any]]:
+    """A terminal call that succeeds, then a call of a tool nobody has."""
+    return [
+        {
+            "trajectory_id": trajectory,
+            "tool": {"name": "terminal", "arguments": {"command": "echo 1"}},
+        },
+        {"trajectory_id": trajectory, "tool": {"name": "nope"}},
+    ]
+
+
+def test_both_clients_have_the_same_methods() -> None:
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        names = [name for name in dir(cls) if not name.startswith("_")]
+        return {name: inspect.signature(getattr(cls, name)) for name in names}
+
+    sync, asynchronous = public(ExecutorClient), public(AsyncExecutorClient)
+    assert set(sync) == set(asynchronous) == METHODS
+    for name in METHODS:
+        assert sync[name] == asynchronous[name], name
+        assert not inspect.iscoroutinefunction(getattr(ExecutorClient, name)), name
+        assert inspect.iscoroutinefunction(getattr(AsyncExecutorClient, name)), name
+    assert hasattr(ExecutorClient, "__enter__") and hasattr(ExecutorClient, "__exit__")
+    assert hasattr(AsyncExecutorClient, "__aenter__") and hasattr(AsyncExecutorClient, "__aexit__")
 
 
 def test_sync_client_round_trip(executor: ExecutorServer) -> None:
@@ -19,20 +59,14 @@ def test_sync_client_round_trip(executor: ExecutorServer) -> None:
         assert client.read_artifact("client-a", "n.txt").content == "hi"
         assert [e.path for e in client.list_artifacts("client-a").entries] == ["n.txt"]
         assert client.archive_artifacts("client-a").entry_count == 1
-        batch = client.execute_batch(
-            [
-                {
-                    "trajectory_id": "client-a",
-                    "tool": {"name": "terminal", "arguments": {"command": "echo 1"}},
-                },
-                {"trajectory_id": "client-a", "tool": {"name": "nope"}},
-            ]
-        )
+        batch = client.execute_batch(batch_of("client-a"))
         assert [r.success for r in batch] == [True, False]
-        assert client.release("client-a", reset_workspace=True)["status"] == "ok"
+        assert client.status().model_dump().keys() >= STATUS_KEYS
+        assert client.release("client-a", reset_workspace=True).status == "ok"
         with pytest.raises(ExecutorError) as refused:
             client.release("client-a")
         assert refused.value.status == 404 and "unknown trajectory" in refused.value.message
+    assert client.http.is_closed
 
 
 def test_client_reports_auth_errors(executor: ExecutorServer) -> None:
@@ -51,9 +85,37 @@ def test_async_client_round_trip(executor: ExecutorServer) -> None:
                 )
             )
             assert [r.output for r in results] == ["0\n", "1\n", "2\n"]
+            written = await client.execute(
+                "async-0", "write_file", {"path": "n.txt", "content": "hi"}
+            )
+            assert written.success and written.uniq_id
+            assert (await client.read_artifact("async-0", "n.txt")).content == "hi"
             listing = await client.list_artifacts("async-0")
             assert listing.success
+            assert [e.path for e in listing.entries] == ["n.txt"]
+            assert (await client.archive_artifacts("async-0")).entry_count == 1
+            batch = await client.execute_batch(batch_of("async-0"))
+            assert [r.success for r in batch] == [True, False]
+            assert (await client.status()).model_dump().keys() >= STATUS_KEYS
             for n in range(3):
-                assert (await client.release(f"async-{n}"))["released"] is True
+                assert (await client.release(f"async-{n}")).released is True
+            with pytest.raises(ExecutorError) as refused:
+                await client.release("async-0")
+            assert refused.value.status == 404 and "unknown trajectory" in refused.value.message
+        assert client.http.is_closed
+
+    asyncio.run(scenario())
+
+
+def test_async_client_reports_auth_errors(executor: ExecutorServer) -> None:
+    async def scenario() -> None:
+        client = AsyncExecutorClient(executor.url, token="wrong")
+        try:
+            with pytest.raises(ExecutorError) as no:
+                await client.status()
+            assert no.value.status == 403
+        finally:
+            await client.close()
+        assert client.http.is_closed
 
     asyncio.run(scenario())

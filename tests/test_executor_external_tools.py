@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ExecutorServer, make_tmp, start_executor
+from harness.servers import ExecutorServer, start_executor
 from tests.executor_support import settings
 
 TOOL_TOKEN = "tool-server-token"
@@ -84,9 +84,7 @@ def tool_server() -> Iterator[ToolServer]:
 @pytest.fixture(scope="module")
 def executor_with_tools(tool_server: ToolServer) -> Iterator[ExecutorServer]:
     url = f"http://127.0.0.1:{tool_server.server_address[1]}"
-    server = start_executor(
-        make_tmp(), env=settings(tool_server_url=url, tool_server_token=TOOL_TOKEN)
-    )
+    server = start_executor(env=settings(tool_server_url=url, tool_server_token=TOOL_TOKEN))
     yield server
     server.stop()
 

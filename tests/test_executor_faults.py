@@ -17,14 +17,10 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.conftest import (
-    ExecutorServer,
-    host_processes_matching,
-    local_backend_only,
-    make_tmp,
-    start_executor,
-)
+from harness.processes import host_processes_matching
+from harness.servers import ExecutorServer, start_executor
 from tests.executor_support import (
+    local_backend_only,
     new_client,
     pid_alive,
     release,
@@ -39,7 +35,6 @@ Factory = Callable[..., ExecutorServer]
 @pytest.fixture(scope="module")
 def small() -> Iterator[ExecutorServer]:
     server = start_executor(
-        make_tmp(),
         env=settings(
             slots="2",
             min_containers="1",

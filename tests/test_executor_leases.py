@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ExecutorServer, local_backend_only, make_tmp, start_executor
+from harness.servers import ExecutorServer, start_executor
 from tests.executor_support import (
     Background,
     background_sh,
     execute,
+    local_backend_only,
     new_client,
     pid_alive,
     release,
@@ -38,7 +39,7 @@ LONG_TRAJECTORY = "long-40s"
 @pytest.fixture(scope="module")
 def executor() -> Iterator[ExecutorServer]:
     """The shared executor of this module: 1..2 sandboxes of 4 slots."""
-    server = start_executor(make_tmp(), env=settings())
+    server = start_executor(env=settings())
     yield server
     server.stop()
 

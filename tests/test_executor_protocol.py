@@ -14,13 +14,13 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from atropos_agent.executor.backends.local import free_port
-from tests.conftest import ExecutorServer, make_tmp, start_executor
+from harness.servers import ExecutorServer, free_port, start_executor
 from tests.executor_support import release, settings
 
 # Every authenticated route with a request it would accept: (method, path, JSON body).
@@ -48,7 +48,7 @@ AUTH_ROUTES: list[tuple[str, str, Any]] = [
 @pytest.fixture(scope="module")
 def executor() -> Iterator[ExecutorServer]:
     """The shared executor of this module: 1..2 sandboxes of 4 slots."""
-    server = start_executor(make_tmp(), env=settings())
+    server = start_executor(env=settings())
     yield server
     server.stop()
 
@@ -409,8 +409,8 @@ def test_unknown_tool_is_a_failed_result(executor: ExecutorServer) -> None:
     ],
     ids=["min-over-max", "batch-window-abc", "zero-slots"],
 )
-def test_invalid_setting_stops_startup(env: dict[str, str], named: str) -> None:
-    tmp = make_tmp()
+def test_invalid_setting_stops_startup(env: dict[str, str], named: str, tmp_path: Path) -> None:
+    tmp = tmp_path
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
     full_env.update({"TOOL_EXECUTOR_SANDBOX_DATA_DIR": str(tmp / "pool"), **env})
     started = time.monotonic()

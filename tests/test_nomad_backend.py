@@ -16,20 +16,21 @@ from typing import Any
 import httpx
 import pytest
 
-from atropos_agent.executor.backends.base import BackendError
-from atropos_agent.executor.backends.local import free_port
+from atropos_agent.errors import BackendError
 from atropos_agent.executor.backends.nomad import NomadBackend
 from atropos_agent.executor.backends.nomad_job import build_job
 from atropos_agent.executor.settings import ExecutorSettings
-from tests.conftest import (
+from atropos_agent.executor.transport import AiohttpTransport
+from harness.nomad_double import NomadDouble
+from harness.servers import (
     ExecutorServer,
-    make_tmp,
+    free_port,
     nomad_settings,
     start_executor,
     start_nomad_double,
+    temporary_dir,
 )
 from tests.executor_support import settings
-from tests.nomad_double import NomadDouble
 
 JOB = "atropos-sandbox-tool-executor"
 
@@ -49,7 +50,7 @@ def executor_on(
     full = {**(env or settings()), **settings(**values)}
     if env:
         full["TOOL_EXECUTOR_SANDBOX_SLOT_UID_BASE"] = env["TOOL_EXECUTOR_SANDBOX_SLOT_UID_BASE"]
-    return start_executor(make_tmp(), backend="nomad", nomad=double, env=full)
+    return start_executor(backend="nomad", nomad=double, env=full)
 
 
 def backend_status(server: ExecutorServer) -> dict[str, Any]:
@@ -74,14 +75,15 @@ def failed_start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_")}
     env.update({**nomad_settings(double), **settings(**values), **(overrides or {})})
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(free_port())],
-        env=env,
-        cwd=make_tmp(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with temporary_dir() as cwd:
+        done = subprocess.run(
+            [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(free_port())],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
 
@@ -342,14 +344,15 @@ def test_scale_refused_during_a_deployment_is_retried_with_backoff(double: Nomad
         if k.startswith("TOOL_EXECUTOR_")
     }
     config = ExecutorSettings.model_validate({**values, "nomad_token": env["NOMAD_TOKEN"]})
-    job = build_job(config)
+    job = build_job(config.nomad())
     job["TaskGroups"][0]["Update"] = {"MaxParallel": 1}  # the hash still matches: reused
     headers = {"X-Nomad-Token": env["NOMAD_TOKEN"]}
     registered = httpx.post(f"{double.address}/v1/jobs", json={"Job": job}, headers=headers)
     assert registered.status_code == 200, registered.text
 
     async def scenario() -> None:
-        backend = NomadBackend(config)
+        transport = AiohttpTransport()
+        backend = NomadBackend(config.nomad(), transport)
         try:
             await backend.start(1)
             with pytest.raises(BackendError, match="active deployment"):
@@ -369,6 +372,7 @@ def test_scale_refused_during_a_deployment_is_retried_with_backoff(double: Nomad
             assert backend.scale_failures == 0
         finally:
             await backend.stop()
+            await transport.close()
 
     asyncio.run(scenario())
     assert double.job(JOB) is None  # purged

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.nomad_double import NomadDouble
+from harness.nomad_double import NomadDouble
 
-pytest_plugins = ["tests.nomad_double.fixtures"]
+pytest_plugins = ["harness.nomad_double.fixtures"]
 
 S = 1_000_000_000
 

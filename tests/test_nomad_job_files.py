@@ -142,7 +142,7 @@ def test_sandbox_job_file_is_the_job_the_executor_registers(
     path: Path, overrides: dict[str, Any]
 ) -> None:
     settings = ExecutorSettings(_env_file=None, **overrides)
-    expected = build_job(settings)
+    expected = build_job(settings.nomad())
     hcl = JobFile(path)
     job = hcl.values(hcl.job)
 

@@ -15,7 +15,7 @@ import uuid
 import nomad
 import pytest
 
-from tests.conftest import make_tmp, start_executor
+from harness.servers import start_executor
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("NOMAD_ADDR"), reason="needs a real Nomad cluster (set NOMAD_ADDR)"
@@ -36,7 +36,7 @@ def test_pool_on_a_real_cluster() -> None:
         "TOOL_EXECUTOR_MAX_CONTAINERS": "2",
         "TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S": "180",
     }
-    server = start_executor(make_tmp(), backend="local", env=env)
+    server = start_executor(backend="local", env=env)
     try:
         result = server.sh("real", "echo hello from nomad")
         assert result["success"] and result["output"] == "hello from nomad\n"

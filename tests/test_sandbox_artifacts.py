@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SandboxServer
+from harness.servers import SandboxServer
 
 BINARY = bytes(range(256)) * 3 + b"\x00\xff\xfe"
 

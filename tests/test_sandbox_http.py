@@ -15,7 +15,8 @@ import pytest
 
 from atropos_agent import __version__
 from atropos_agent.sandbox.protocol import PROTOCOL_VERSION
-from tests.conftest import TOKEN, SandboxServer, host_processes_matching, make_tmp, start_sandbox
+from harness.processes import host_processes_matching
+from harness.servers import TOKEN, SandboxServer, start_sandbox
 
 Factory = Callable[..., SandboxServer]
 
@@ -390,7 +391,7 @@ def test_reset_wipes_files_and_kills_processes(sandbox: SandboxServer) -> None:
 
 @pytest.fixture(scope="module")
 def small_limit() -> Iterator[SandboxServer]:
-    server = start_sandbox(make_tmp(), slots=1, args=["--max-request-bytes", "100000"])
+    server = start_sandbox(slots=1, args=["--max-request-bytes", "100000"])
     yield server
     server.stop()
 

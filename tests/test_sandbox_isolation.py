@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import SandboxServer
+from harness.servers import SandboxServer
 
 CONNECT = (
     "import socket, sys\n"
@@ -45,14 +45,14 @@ def test_slot_cannot_write_the_host(sandbox: SandboxServer) -> None:
     result = sandbox.sh(
         "slot_0",
         f"touch /usr/planted /etc/planted /planted 2>&1; echo x > {marker} 2>&1; "
-        "echo x > /run/atropos/agent.py 2>&1; echo done",
+        "echo x > /run/atropos/agent/main.py 2>&1; echo done",
     )
     assert "done" in result["output"]
     assert result["output"].count("Read-only file system") >= 2
     assert not os.path.exists("/usr/planted") and not os.path.exists("/etc/planted")
     assert not marker.exists()
-    # The agent's script is bound read-only: the slot cannot rewrite its own supervisor.
-    assert "import" in (sandbox.data_dir / "runtime" / "agent.py").read_text()
+    # The agent's package is bound read-only: the slot cannot rewrite its own supervisor.
+    assert "import" in (sandbox.data_dir / "runtime" / "agent" / "main.py").read_text()
 
 
 def test_slots_run_as_distinct_unprivileged_users(sandbox: SandboxServer) -> None:

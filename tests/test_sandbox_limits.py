@@ -22,8 +22,11 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import SandboxServer, host_processes_matching
+from harness.processes import host_processes_matching
+from harness.servers import SandboxServer
 
+# How the slot agent shows in a process list: its runtime directory run as a program.
+AGENT_ARGS = "-I -S /run/atropos "
 MAX_OUTPUT = 2000
 MAX_FILE = 65536
 DISK_MB = 20
@@ -84,7 +87,7 @@ def uid_processes(uid: int) -> list[str]:
 
 def slot_infrastructure(cmdline: str) -> bool:
     """The processes a slot always has: bubblewrap (outer and pid-1) and the agent."""
-    return cmdline.startswith("/usr/bin/bwrap ") or "/run/atropos/agent.py" in cmdline
+    return cmdline.startswith("/usr/bin/bwrap ") or AGENT_ARGS in cmdline
 
 
 def eventually(predicate: Callable[[], bool], within_s: float = 2.0) -> bool:
@@ -139,7 +142,7 @@ def test_timeout_kills_every_descendant(sandbox_factory: Factory) -> None:
     )
     inside = server.sh("slot_0", "ps -eo args", timeout=5)
     assert inside["success"] is True
-    assert "/run/atropos/agent.py" in inside["output"]  # ps really lists the slot's processes
+    assert AGENT_ARGS in inside["output"]  # ps really lists the slot's processes
     assert "sleep 730" not in inside["output"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.slot_memory import measure
-from tests.conftest import SandboxServer
+from harness.servers import SandboxServer
 
 
 def test_idle_slot_memory_under_10_mib(sandbox_factory: Callable[..., SandboxServer]) -> None:

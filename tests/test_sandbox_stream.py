@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from tests.conftest import SandboxServer
+from harness.servers import SandboxServer
 
 
 def test_stream_answers_fast_items_before_slow_ones(sandbox: SandboxServer) -> None:

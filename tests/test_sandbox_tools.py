@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import SandboxServer
+from harness.servers import SandboxServer
 
 
 def test_terminal_runs_in_workspace_with_exit_codes(sandbox: SandboxServer) -> None:

@@ -1,7 +1,11 @@
-"""The executor service's HTTP routes (docs/protocol.md). Routes only: the work is in executor/.
+"""The executor service's HTTP routes (docs/protocol.md): parse, call the executor, answer.
 
-``atropos_agent.executor.app:app`` reads its settings from the environment;
-``create_app(settings)`` builds one with explicit settings.
+Routes are thin and live on ``router``; the work is in ``executor.py``, and errors answer
+themselves (``atropos_agent.errors``, installed by ``web.install_error_handlers``).
+
+``atropos_agent.executor.app:app`` reads its settings from the environment (for
+``uvicorn atropos_agent.executor.app:app``); ``create_app(settings)`` builds one with explicit
+settings.
 """
 
 from __future__ import annotations
@@ -12,22 +16,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from atropos_agent import __version__
+from atropos_agent.errors import BackendError
 from atropos_agent.executor.backends import create_backend
-from atropos_agent.executor.backends.base import BackendError
-from atropos_agent.executor.executor import (
-    Executor,
-    QueueFull,
-    TrajectoryBusy,
-    UnknownTrajectory,
-)
+from atropos_agent.executor.executor import Executor
 from atropos_agent.executor.external_tools import ExternalTools
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.executor.transport import AiohttpTransport
 from atropos_agent.models import (
     ArtifactArchiveRequest,
     ArtifactArchiveResponse,
@@ -38,26 +37,109 @@ from atropos_agent.models import (
     ExecuteBatchRequest,
     ExecuteBatchResponse,
     ExecuteRequest,
+    HealthResponse,
     ReleaseRequest,
+    ReleaseResponse,
+    ServiceInfo,
+    StatusResponse,
     ToolResult,
+    ToolsResponse,
+    TrajectoriesResponse,
 )
 from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
-from atropos_agent.web import (
-    BearerAuthMiddleware,
-    BodyLimitMiddleware,
-    error_response,
-    install_error_handlers,
-)
+from atropos_agent.web import BearerAuthMiddleware, BodyLimitMiddleware, install_error_handlers
 
 log = logging.getLogger("atropos.api")
 
 SERVICE_NAME = "Atropos tool executor"
 
+router = APIRouter()
+
+
+def executor_of(request: Request) -> Executor:
+    executor: Executor = request.app.state.executor
+    return executor
+
+
+@router.get("/")
+async def root() -> ServiceInfo:
+    return ServiceInfo(message=SERVICE_NAME, version=__version__)
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(request: Request) -> JSONResponse:
+    ok, reason = executor_of(request).pool.healthy()
+    if ok:
+        return JSONResponse(HealthResponse(status="ok").model_dump(exclude_none=True))
+    answer = HealthResponse(
+        status="starting" if reason == "starting" else "degraded", reason=reason
+    )
+    return JSONResponse(answer.model_dump(), status_code=503)
+
+
+@router.get("/status")
+async def status(request: Request) -> StatusResponse:
+    return executor_of(request).status()
+
+
+@router.get("/tools")
+async def tools(request: Request) -> ToolsResponse:
+    external = executor_of(request).external.schemas.values()
+    return ToolsResponse(tools=SANDBOX_TOOL_SCHEMAS + list(external))
+
+
+@router.get("/trajectories")
+async def trajectories(
+    request: Request, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+) -> TrajectoriesResponse:
+    return executor_of(request).describe_trajectories(offset, limit)
+
+
+@router.post("/execute")
+async def execute(call: ExecuteRequest, request: Request) -> ToolResult:
+    executor = executor_of(request)
+    executor.admit()
+    return await executor.execute(call.trajectory_id, call.tool, call.timeout_s)
+
+
+@router.post("/execute_batch")
+async def execute_batch(batch: ExecuteBatchRequest, request: Request) -> ExecuteBatchResponse:
+    executor = executor_of(request)
+    executor.admit(len(batch.calls))
+    results = await asyncio.gather(
+        *(executor.execute(c.trajectory_id, c.tool, c.timeout_s) for c in batch.calls)
+    )
+    return ExecuteBatchResponse(results=list(results))
+
+
+@router.post("/release", response_model_exclude_none=True)
+async def release(body: ReleaseRequest, request: Request) -> ReleaseResponse:
+    return await executor_of(request).release(body.trajectory_id, body.reset_workspace)
+
+
+@router.post("/artifacts/read")
+async def artifacts_read(body: ArtifactReadRequest, request: Request) -> ArtifactReadResponse:
+    return await executor_of(request).read_artifact(body)
+
+
+@router.post("/artifacts/list")
+async def artifacts_list(body: ArtifactListRequest, request: Request) -> ArtifactListResponse:
+    return await executor_of(request).list_artifacts(body)
+
+
+@router.post("/artifacts/archive")
+async def artifacts_archive(
+    body: ArtifactArchiveRequest, request: Request
+) -> ArtifactArchiveResponse:
+    return await executor_of(request).archive_artifacts(body)
+
 
 def build_executor(settings: ExecutorSettings) -> Executor:
+    """The executor and everything it owns: pool, backend, transport, external tools."""
+    transport = AiohttpTransport()
+    pool = Pool(settings.pool(), create_backend(settings, transport), transport)
     token = settings.tool_server_token.get_secret_value() if settings.tool_server_token else None
-    external = ExternalTools(settings.tool_server_url, token)
-    return Executor(settings, Pool(settings, create_backend(settings)), external)
+    return Executor(settings.calls(), pool, ExternalTools(settings.tool_server_url, token))
 
 
 def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
@@ -80,87 +162,8 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
 
     app = FastAPI(title=SERVICE_NAME, version=__version__, lifespan=lifespan)
     app.state.executor = executor
+    app.include_router(router)
     install_error_handlers(app)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(503, str(exc), headers={"Retry-After": "1"})
-
-    @app.exception_handler(TrajectoryBusy)
-    async def trajectory_busy(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(409, str(exc))
-
-    @app.exception_handler(UnknownTrajectory)
-    async def unknown_trajectory(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(404, str(exc))
-
-    @app.get("/")
-    async def root() -> dict[str, str]:
-        return {"message": SERVICE_NAME, "version": __version__}
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok, reason = executor.pool.healthy()
-        if ok:
-            return JSONResponse({"status": "ok"})
-        status = "starting" if reason == "starting" else "degraded"
-        return JSONResponse({"status": status, "reason": reason}, status_code=503)
-
-    @app.get("/status")
-    async def status() -> dict[str, Any]:
-        return {**executor.status(), "external_tools": executor.external.describe()}
-
-    @app.get("/tools")
-    async def tools() -> dict[str, Any]:
-        return {"tools": SANDBOX_TOOL_SCHEMAS + list(executor.external.schemas.values())}
-
-    @app.get("/trajectories")
-    async def trajectories(
-        offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
-    ) -> dict[str, Any]:
-        return executor.describe_trajectories(offset, limit)
-
-    @app.post("/execute")
-    async def execute(request: ExecuteRequest) -> ToolResult:
-        executor.admit()
-        return await executor.execute(request.trajectory_id, request.tool, request.timeout_s)
-
-    @app.post("/execute_batch")
-    async def execute_batch(request: ExecuteBatchRequest) -> ExecuteBatchResponse:
-        executor.admit(len(request.calls))
-        results = await asyncio.gather(
-            *(executor.execute(c.trajectory_id, c.tool, c.timeout_s) for c in request.calls)
-        )
-        return ExecuteBatchResponse(results=list(results))
-
-    @app.post("/release")
-    async def release(request: ReleaseRequest) -> dict[str, Any]:
-        return await executor.release(request.trajectory_id, request.reset_workspace)
-
-    async def artifact(route: str, trajectory_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await executor.artifact(trajectory_id, route, fields)
-        except httpx.HTTPError as exc:
-            return {"success": False, "error": f"sandbox did not answer: {exc}"}
-
-    @app.post("/artifacts/read")
-    async def artifacts_read(request: ArtifactReadRequest) -> ArtifactReadResponse:
-        fields = request.model_dump(exclude={"trajectory_id"})
-        answer = await artifact("read", request.trajectory_id, fields)
-        return ArtifactReadResponse.model_validate(answer)
-
-    @app.post("/artifacts/list")
-    async def artifacts_list(request: ArtifactListRequest) -> ArtifactListResponse:
-        fields = request.model_dump(exclude={"trajectory_id"})
-        answer = await artifact("list", request.trajectory_id, fields)
-        return ArtifactListResponse.model_validate(answer)
-
-    @app.post("/artifacts/archive")
-    async def artifacts_archive(request: ArtifactArchiveRequest) -> ArtifactArchiveResponse:
-        fields = request.model_dump(exclude={"trajectory_id"})
-        answer = await artifact("archive", request.trajectory_id, fields)
-        return ArtifactArchiveResponse.model_validate(answer)
-
     token = settings.token.get_secret_value() if settings.token else None
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(BearerAuthMiddleware, token=token, open_paths={"/", "/health"})
@@ -168,7 +171,7 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
 
 
 def __getattr__(name: str) -> Any:
-    """``tool_executor_server:app`` is built on first access, from the environment."""
+    """``app`` is built on first access, from the environment."""
     if name == "app":
         app = create_app()
         globals()["app"] = app

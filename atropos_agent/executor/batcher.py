@@ -12,29 +12,23 @@ that call finishes: a slow command in a batch never delays the others.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+from atropos_agent.errors import SandboxUnavailable
+from atropos_agent.executor.sandbox_client import SandboxClient
+from atropos_agent.sandbox.protocol import BatchItem, BatchResult
 
 log = logging.getLogger("atropos.executor")
-
-# Time the sandbox gets beyond the longest timeout in a batch before the executor gives up.
-SANDBOX_GRACE_S = 30.0
-
-
-class SandboxCallError(Exception):
-    """The sandbox did not answer a call: it is unreachable, or failed mid-batch."""
 
 
 @dataclass
 class PendingCall:
-    item: dict[str, Any]
-    timeout_s: float
-    future: asyncio.Future[dict[str, Any]]
+    item: BatchItem
+    future: asyncio.Future[BatchResult]
 
 
 @dataclass
@@ -61,12 +55,8 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(
-        self, url: str, client: aiohttp.ClientSession, token: str, window_s: float, max_size: int
-    ) -> None:
-        self.url = url.rstrip("/") + "/batch/stream"
-        self.client = client
-        self.headers = {"Authorization": f"Bearer {token}"}
+    def __init__(self, sandbox: SandboxClient, window_s: float, max_size: int) -> None:
+        self.sandbox = sandbox
         self.window_s = window_s
         self.max_size = max_size
         self.pending: list[PendingCall] = []
@@ -78,12 +68,13 @@ class Batcher:
         self.stats = BatchStats()
         self.closed = False
 
-    async def submit(self, item: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Queue one sandbox call and wait for its result."""
+    async def submit(self, item: BatchItem) -> BatchResult:
+        """Queue one sandbox call and wait for its result; ``SandboxUnavailable`` when the
+        sandbox does not answer it."""
         if self.closed:
-            raise SandboxCallError("the sandbox is gone")
+            raise SandboxUnavailable(f"sandbox at {self.sandbox.url} is gone")
         loop = asyncio.get_running_loop()
-        call = PendingCall(item, timeout_s, loop.create_future())
+        call = PendingCall(item, loop.create_future())
         self.pending.append(call)
         if len(self.pending) >= self.max_size:
             self._flush()
@@ -113,46 +104,33 @@ class Batcher:
     async def _send(self, batch: list[PendingCall]) -> None:
         answered = 0
         try:
-            longest = max(call.timeout_s for call in batch)
-            timeout = aiohttp.ClientTimeout(sock_connect=10.0, sock_read=longest + SANDBOX_GRACE_S)
-            async with self.client.post(
-                self.url,
-                json=[call.item for call in batch],
-                headers=self.headers,
-                timeout=timeout,
-            ) as response:
-                if response.status != 200:
-                    body = (await response.read()).decode(errors="replace")[:500]
-                    raise SandboxCallError(f"sandbox answered {response.status}: {body}")
-                async for line in response.content:
-                    if not line.strip():
-                        continue
-                    result = json.loads(line)
-                    call = batch[result.pop("index")]
+            results = self.sandbox.stream_batch([call.item for call in batch])
+            async with contextlib.aclosing(results):
+                async for result in results:
+                    if not 0 <= result.index < len(batch):
+                        raise SandboxUnavailable(
+                            f"sandbox at {self.sandbox.url} answered item {result.index} "
+                            f"of a batch of {len(batch)}"
+                        )
+                    call = batch[result.index]
                     if not call.future.done():
                         call.future.set_result(result)
                     answered += 1
                     self.in_flight_calls -= 1
-        except (
-            aiohttp.ClientError,
-            TimeoutError,
-            SandboxCallError,
-            ValueError,
-            KeyError,
-            IndexError,
-        ) as exc:
-            message = exc if isinstance(exc, SandboxCallError) else f"{type(exc).__name__}: {exc}"
-            log.warning("event=batch_failed url=%s error=%s", self.url, message)
+        except SandboxUnavailable as exc:
+            log.warning("event=batch_failed url=%s error=%s", self.sandbox.url, exc.message)
             for call in batch:
                 if not call.future.done():
-                    call.future.set_exception(SandboxCallError(str(message)))
+                    call.future.set_exception(SandboxUnavailable(exc.message))
         finally:
             self.in_flight -= 1
             self.in_flight_calls -= len(batch) - answered
             for call in batch:
                 if not call.future.done():
                     call.future.set_exception(
-                        SandboxCallError("the sandbox closed the batch early")
+                        SandboxUnavailable(
+                            f"sandbox at {self.sandbox.url} closed the batch before answering"
+                        )
                     )
             if self.pending and self.in_flight == 0 and self.timer is None:
                 self._flush()
@@ -164,7 +142,9 @@ class Batcher:
             self.timer.cancel()
         for call in self.pending:
             if not call.future.done():
-                call.future.set_exception(SandboxCallError("the sandbox is gone"))
+                call.future.set_exception(
+                    SandboxUnavailable(f"sandbox at {self.sandbox.url} is gone")
+                )
         self.pending = []
         for task in self.tasks:
             task.cancel()

@@ -15,14 +15,45 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
-from atropos_agent.executor.batcher import SandboxCallError
-from atropos_agent.executor.external_tools import ExternalToolError, ExternalTools
-from atropos_agent.executor.pool import AcquireTimeout, Lease, Pool
-from atropos_agent.executor.settings import ExecutorSettings
-from atropos_agent.models import MAX_TIMEOUT_S, ToolCall, ToolResult, effective_timeout
+from atropos_agent.errors import (
+    ExternalToolError,
+    NoFreeSlot,
+    QueueFull,
+    SandboxUnavailable,
+    TrajectoryBusy,
+    UnknownTrajectory,
+)
+from atropos_agent.executor.external_tools import ExternalTools
+from atropos_agent.executor.leases import Lease
+from atropos_agent.executor.pool import Pool
+from atropos_agent.executor.sandbox_client import SandboxClient
+from atropos_agent.executor.settings import CallSettings
+from atropos_agent.models import (
+    MAX_TIMEOUT_S,
+    ArtifactArchiveRequest,
+    ArtifactArchiveResponse,
+    ArtifactListRequest,
+    ArtifactListResponse,
+    ArtifactReadRequest,
+    ArtifactReadResponse,
+    ReleaseResponse,
+    StatusResponse,
+    ToolCall,
+    ToolResult,
+    TrajectoriesResponse,
+    TrajectoryInfo,
+    effective_timeout,
+)
+from atropos_agent.sandbox.protocol import (
+    BatchItem,
+    SlotArtifactArchiveRequest,
+    SlotArtifactListRequest,
+    SlotArtifactReadRequest,
+)
 from atropos_agent.sandbox.tools import SANDBOX_TOOLS
 
 log = logging.getLogger("atropos.executor")
@@ -30,18 +61,9 @@ log = logging.getLogger("atropos.executor")
 # How many ended trajectories are remembered, to answer their late calls clearly.
 ENDED_MEMORY = 100_000
 RELEASE_WAIT_S = MAX_TIMEOUT_S + 60.0
-
-
-class QueueFull(Exception):
-    """More calls are in the service than its queue bound allows."""
-
-
-class TrajectoryBusy(Exception):
-    """A release waited for the trajectory's running call longer than it may."""
-
-
-class UnknownTrajectory(Exception):
-    """A release or artifact call named a trajectory that holds no lease."""
+ArtifactRequest = ArtifactReadRequest | ArtifactListRequest | ArtifactArchiveRequest
+R = TypeVar("R", ArtifactReadResponse, ArtifactListResponse, ArtifactArchiveResponse)
+S = TypeVar("S", SlotArtifactReadRequest, SlotArtifactListRequest, SlotArtifactArchiveRequest)
 
 
 @dataclass
@@ -54,18 +76,17 @@ class Trajectory:
     calls: int = 0
     in_flight: int = 0
 
-    def describe(self) -> dict[str, Any]:
-        now = time.monotonic()
+    def describe(self) -> TrajectoryInfo:
         lease = self.lease
-        return {
-            "trajectory_id": self.trajectory_id,
-            "sandbox_id": lease.sandbox.sandbox_id if lease else None,
-            "slot_id": lease.slot_id if lease else None,
-            "age_s": round(time.time() - self.created, 3),
-            "idle_s": round(now - self.last_used, 3),
-            "calls": self.calls,
-            "in_flight": self.in_flight,
-        }
+        return TrajectoryInfo(
+            trajectory_id=self.trajectory_id,
+            sandbox_id=lease.sandbox.sandbox_id if lease else None,
+            slot_id=lease.slot_id if lease else None,
+            age_s=round(time.time() - self.created, 3),
+            idle_s=round(time.monotonic() - self.last_used, 3),
+            calls=self.calls,
+            in_flight=self.in_flight,
+        )
 
 
 class LatencyWindow:
@@ -89,7 +110,7 @@ class LatencyWindow:
 
 
 class Executor:
-    def __init__(self, settings: ExecutorSettings, pool: Pool, external: ExternalTools) -> None:
+    def __init__(self, settings: CallSettings, pool: Pool, external: ExternalTools) -> None:
         self.settings = settings
         self.pool = pool
         self.external = external
@@ -148,7 +169,9 @@ class Executor:
         is_sandbox = tool.name in SANDBOX_TOOLS
         if not is_sandbox and not self.external.has(tool.name):
             known = sorted(SANDBOX_TOOLS | self.external.names())
-            return failure(f"unknown tool {tool.name!r}; available tools: {', '.join(known)}")
+            return ToolResult.failure(
+                f"unknown tool {tool.name!r}; available tools: {', '.join(known)}"
+            )
         while True:
             trajectory = self.trajectories.get(trajectory_id)
             if trajectory is None:
@@ -174,39 +197,40 @@ class Executor:
     ) -> ToolResult:
         ended = self.ended.get(trajectory.trajectory_id)
         if ended is not None:
-            return failure(ended, workspace_lost=True)
+            return ToolResult.failure(ended, workspace_lost=True)
         if trajectory.lease is None:
             try:
                 trajectory.lease = await self.pool.acquire(
                     trajectory.trajectory_id, self.settings.acquire_timeout_s
                 )
-            except AcquireTimeout as exc:
-                return failure(str(exc), acquire_timeout=True)
+            except NoFreeSlot as exc:
+                return ToolResult.failure(exc.message, acquire_timeout=True)
         lease = trajectory.lease
         if lease.lost:
             return self._lose(trajectory, "its sandbox stopped")
-        item = {
-            "slot_id": lease.slot_id,
-            "tool": tool.name,
-            "args": tool.arguments,
-            "execution_id": tool.uniq_id,
-            "timeout": timeout,
-        }
+        item = BatchItem(
+            slot_id=lease.slot_id,
+            tool=tool.name,
+            args=tool.arguments,
+            uniq_id=tool.uniq_id,
+            timeout=timeout,
+        )
         try:
-            answer = await lease.sandbox.batcher.submit(item, timeout)
-        except SandboxCallError as exc:
+            answer = await lease.sandbox.batcher.submit(item)
+        except SandboxUnavailable as exc:
             # The failed call is one strike; a failed health check now is the second.
             await self.pool.probe(lease.sandbox, failures_to_retire=1)
             if lease.lost:
-                return self._lose(trajectory, f"its sandbox stopped during this call ({exc})")
-            return failure(f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc}")
-        metadata = answer.get("metadata") or {}
+                return self._lose(
+                    trajectory, f"its sandbox stopped during this call ({exc.message})"
+                )
+            return ToolResult.failure(
+                f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc.message}"
+            )
+        metadata = answer.metadata
         metadata.update(sandbox_id=lease.sandbox.sandbox_id, slot_id=lease.slot_id)
         return ToolResult(
-            success=bool(answer.get("success")),
-            output=answer.get("output", ""),
-            error=answer.get("error", ""),
-            metadata=metadata,
+            success=answer.success, output=answer.output, error=answer.error, metadata=metadata
         )
 
     def _lose(self, trajectory: Trajectory, why: str) -> ToolResult:
@@ -215,7 +239,7 @@ class Executor:
             "files and processes are gone; release the trajectory to start over"
         )
         self._end(trajectory, message)
-        return failure(message, workspace_lost=True)
+        return ToolResult.failure(message, workspace_lost=True)
 
     def _end(self, trajectory: Trajectory, message: str) -> None:
         if trajectory.lease is not None:
@@ -232,11 +256,11 @@ class Executor:
         try:
             return await self.external.execute(trajectory_id, tool, timeout)
         except ExternalToolError as exc:
-            return failure(str(exc))
+            return ToolResult.failure(exc.message)
 
     # ---- release and expiry
 
-    async def release(self, trajectory_id: str, reset_workspace: bool) -> dict[str, Any]:
+    async def release(self, trajectory_id: str, reset_workspace: bool) -> ReleaseResponse:
         """Waits for a running call of the trajectory, then frees its slot.
 
         The slot is always reset before another trajectory gets it; ``reset_workspace`` only
@@ -245,7 +269,7 @@ class Executor:
         trajectory = self.trajectories.get(trajectory_id)
         if trajectory is None:
             if self.ended.pop(trajectory_id, None) is not None:
-                return {"status": "ok", "released": False, "note": "lease had already ended"}
+                return ReleaseResponse(released=False, note="lease had already ended")
             raise UnknownTrajectory(f"unknown trajectory {trajectory_id!r}: it holds no lease")
         try:
             await asyncio.wait_for(trajectory.lock.acquire(), RELEASE_WAIT_S)
@@ -265,7 +289,7 @@ class Executor:
                     await reset
         finally:
             trajectory.lock.release()
-        return {"status": "ok", "released": lease is not None}
+        return ReleaseResponse(released=lease is not None)
 
     async def _expire_idle(self) -> None:
         expiry = self.settings.lease_idle_expiry_s
@@ -295,9 +319,39 @@ class Executor:
 
     # ---- artifacts
 
-    async def artifact(
-        self, trajectory_id: str, route: str, fields: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def read_artifact(self, request: ArtifactReadRequest) -> ArtifactReadResponse:
+        client = SandboxClient.read_artifact
+        return await self._on_slot(request, SlotArtifactReadRequest, client, ArtifactReadResponse)
+
+    async def list_artifacts(self, request: ArtifactListRequest) -> ArtifactListResponse:
+        client = SandboxClient.list_artifacts
+        return await self._on_slot(request, SlotArtifactListRequest, client, ArtifactListResponse)
+
+    async def archive_artifacts(self, request: ArtifactArchiveRequest) -> ArtifactArchiveResponse:
+        client = SandboxClient.archive_artifacts
+        answer = ArtifactArchiveResponse
+        return await self._on_slot(request, SlotArtifactArchiveRequest, client, answer)
+
+    async def _on_slot(
+        self,
+        request: ArtifactRequest,
+        slot_request: type[S],
+        send: Callable[[SandboxClient, S], Awaitable[R]],
+        answer: type[R],
+    ) -> R:
+        """Send the request, keyed by the trajectory's slot, in order with its calls. A
+        sandbox that does not answer gives the route's own shape with ``success: false``."""
+        async with self._leased(request.trajectory_id) as lease:
+            fields = request.model_dump(exclude={"trajectory_id"})
+            try:
+                return await send(
+                    lease.sandbox.client, slot_request(slot_id=lease.slot_id, **fields)
+                )
+            except SandboxUnavailable as exc:
+                return answer(success=False, error=f"sandbox did not answer: {exc.message}")
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, trajectory_id: str) -> AsyncIterator[Lease]:
         trajectory = self.trajectories.get(trajectory_id)
         if trajectory is None or trajectory.lease is None:
             ended = self.ended.get(trajectory_id)
@@ -311,40 +365,29 @@ class Executor:
             if lease is None or lease.lost:
                 raise UnknownTrajectory(f"workspace lost for trajectory {trajectory_id!r}")
             trajectory.last_used = time.monotonic()
-            response = await self.pool.client.post(
-                f"{lease.sandbox.info.url}/artifacts/{route}",
-                json={"slot_id": lease.slot_id, **fields},
-                headers={"Authorization": f"Bearer {self.pool.backend.token}"},
-                timeout=120.0,
-            )
-            response.raise_for_status()
-            result: dict[str, Any] = response.json()
-            return result
+            yield lease
 
     # ---- reporting
 
-    def describe_trajectories(self, offset: int, limit: int) -> dict[str, Any]:
+    def describe_trajectories(self, offset: int, limit: int) -> TrajectoriesResponse:
         ordered = sorted(self.trajectories.values(), key=lambda t: t.created)
         page = ordered[offset : offset + limit]
-        return {
-            "total": len(ordered),
-            "offset": offset,
-            "limit": limit,
-            "trajectories": [t.describe() for t in page],
-        }
+        return TrajectoriesResponse(
+            total=len(ordered),
+            offset=offset,
+            limit=limit,
+            trajectories=[t.describe() for t in page],
+        )
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "queue_size": self.in_service,
-            "total_requests": self.total_requests,
-            "total_errors": self.total_errors,
-            "pool": self.pool.describe(),
-            "leases": sum(1 for t in self.trajectories.values() if t.lease is not None),
-            "trajectories": len(self.trajectories),
-            "latency": self.latency.describe(),
-            "max_queue": self.settings.max_queue,
-        }
-
-
-def failure(message: str, **metadata: Any) -> ToolResult:
-    return ToolResult(success=False, error=message, metadata=metadata)
+    def status(self) -> StatusResponse:
+        return StatusResponse(
+            queue_size=self.in_service,
+            total_requests=self.total_requests,
+            total_errors=self.total_errors,
+            pool=self.pool.describe(),
+            leases=sum(1 for t in self.trajectories.values() if t.lease is not None),
+            trajectories=len(self.trajectories),
+            latency=self.latency.describe(),
+            max_queue=self.settings.max_queue,
+            external_tools=self.external.describe(),
+        )

@@ -14,16 +14,13 @@ from typing import Any
 
 import httpx
 
+from atropos_agent.errors import ExternalToolError
 from atropos_agent.models import ToolCall, ToolResult
 
 log = logging.getLogger("atropos.tools")
 
 REFRESH_S = 60.0
 GRACE_S = 10.0
-
-
-class ExternalToolError(Exception):
-    """The tool server could not run a call."""
 
 
 class ExternalTools:

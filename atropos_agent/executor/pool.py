@@ -11,6 +11,8 @@ Rules that keep workspaces from being mixed up:
   all-new slots.
 - Slots are leased from the lowest-index sandbox first, so that the highest-index ones go idle
   first: those are the ones a shrink (and Nomad's scale-down) removes.
+
+The pool owns the backend and the transport to the sandboxes: ``stop()`` stops both.
 """
 
 from __future__ import annotations
@@ -18,77 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import httpx
-
-from atropos_agent.executor.backends.base import Backend, BackendError, SandboxInfo
+from atropos_agent.errors import (
+    BackendError,
+    NoFreeSlot,
+    ProtocolMismatch,
+    SandboxUnavailable,
+)
+from atropos_agent.executor.backends.base import Backend, SandboxInfo
 from atropos_agent.executor.batcher import Batcher
-from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.executor.leases import Lease, PoolSandbox
+from atropos_agent.executor.sandbox_client import SandboxClient
+from atropos_agent.executor.scaling import wanted_sandboxes
+from atropos_agent.executor.settings import PoolSettings
+from atropos_agent.executor.transport import AiohttpTransport, Transport
 
 log = logging.getLogger("atropos.pool")
 
-HEALTH_TIMEOUT_S = 2.0
 FAILED_CHECKS_TO_RETIRE = 2
-RESET_TIMEOUT_S = 60.0
 DISCOVERY_POLL_S = 0.1
-
-
-class AcquireTimeout(Exception):
-    """No slot became free within the acquire timeout."""
-
-
-@dataclass
-class PoolSandbox:
-    info: SandboxInfo
-    batcher: Batcher
-    slot_ids: list[str]
-    free: list[str]
-    leased: dict[str, str] = field(default_factory=dict)
-    resetting: set[str] = field(default_factory=set)
-    instance_id: str = ""
-    lost: bool = False
-    draining: bool = False
-    failed_checks: int = 0
-    idle_since: float = field(default_factory=time.monotonic)
-
-    @property
-    def sandbox_id(self) -> str:
-        return self.info.sandbox_id
-
-    @property
-    def idle(self) -> bool:
-        return not self.leased and not self.resetting
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "sandbox_id": self.sandbox_id,
-            "url": self.info.url,
-            "index": self.info.index,
-            "slots": len(self.slot_ids),
-            "free_slots": len(self.free),
-            "leased_slots": len(self.leased),
-            "resetting_slots": len(self.resetting),
-            "draining": self.draining,
-            **self.batcher.describe(),
-        }
-
-
-@dataclass
-class Lease:
-    trajectory_id: str
-    sandbox: PoolSandbox
-    slot_id: str
-    acquired_at: float = field(default_factory=time.time)
-
-    @property
-    def lost(self) -> bool:
-        return self.sandbox.lost
 
 
 @dataclass
@@ -98,22 +53,17 @@ class Waiter:
 
 
 class Pool:
-    def __init__(self, settings: ExecutorSettings, backend: Backend) -> None:
+    def __init__(
+        self, settings: PoolSettings, backend: Backend, transport: Transport | None = None
+    ) -> None:
         self.settings = settings
         self.backend = backend
-        # Few idle connections are kept: httpx's pool scans its connections on every request,
-        # and after a burst hundreds of idle ones made a lone call 3x slower. Idle ones are
-        # also dropped before the sandbox server's 60 s keep-alive runs out.
-        limits = httpx.Limits(
-            max_connections=4096, max_keepalive_connections=32, keepalive_expiry=30
-        )
-        self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0))
-        # Batches go over aiohttp: per request it costs a third of httpx's CPU, which is the
-        # executor's hot path (docs/benchmarks.md). Control calls use httpx.
-        self.batches_http: aiohttp.ClientSession | None = None
+        self.transport = transport or AiohttpTransport()
         self.sandboxes: dict[str, PoolSandbox] = {}
         # (sandbox id, instance id) of sandboxes taken out: never admitted again.
         self.retired: set[tuple[str, str]] = set()
+        # Sandboxes that answer but cannot be used (a protocol this executor cannot drive).
+        self.refused: dict[str, str] = {}
         self.waiters: deque[Waiter] = deque()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.monitor: asyncio.Task[None] | None = None
@@ -126,7 +76,7 @@ class Pool:
     # ---- life cycle
 
     async def start(self) -> None:
-        await self.backend.start(self.settings.min_containers)
+        await self.backend.start(self.settings.min_sandboxes)
         await self.sync()
         self.started = True
         self.monitor = asyncio.create_task(self._monitor(), name="pool-monitor")
@@ -138,31 +88,25 @@ class Pool:
                 await self.monitor
         for waiter in self.waiters:
             if not waiter.future.done():
-                waiter.future.set_exception(AcquireTimeout("the service is shutting down"))
+                waiter.future.set_exception(NoFreeSlot("the service is shutting down"))
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await asyncio.gather(*(s.batcher.close() for s in self.sandboxes.values()))
         await self.backend.stop()
-        await self.client.aclose()
-        if self.batches_http is not None:
-            await self.batches_http.close()
+        await self.transport.close()
 
-    def batch_session(self) -> aiohttp.ClientSession:
-        """The batches' HTTP client, made on first use (it needs the running loop)."""
-        if self.batches_http is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self.batches_http = aiohttp.ClientSession(connector=connector)
-        return self.batches_http
-
-    def own(self, coroutine: Any, name: str) -> None:
+    def own(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine, name=name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     # ---- leases
 
     async def acquire(self, trajectory_id: str, timeout_s: float) -> Lease:
+        """A slot for the trajectory, waiting (and scaling up) at most ``timeout_s``;
+        ``NoFreeSlot`` after that."""
         lease = self._take(trajectory_id)
         if lease is not None:
             return lease
@@ -175,7 +119,7 @@ class Pool:
             if waiter.future.done() and not waiter.future.cancelled():
                 # Granted at the last moment: hand the slot back rather than leak it.
                 self.release(waiter.future.result(), reset=False)
-            raise AcquireTimeout(self._no_slot_message(timeout_s)) from None
+            raise NoFreeSlot(self._no_slot_message(timeout_s)) from None
         finally:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
@@ -216,23 +160,17 @@ class Pool:
         return done
 
     async def _reset_slot(
-        self, sandbox: PoolSandbox, slot_id: str, done: asyncio.Future[None]
+        self, sandbox: PoolSandbox, slot_id: str, done: asyncio.Future[None] | None = None
     ) -> None:
         try:
-            response = await self.client.post(
-                sandbox.info.url + "/reset",
-                json={"slot_id": slot_id},
-                headers=self._auth(),
-                timeout=RESET_TIMEOUT_S,
-            )
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
+            await sandbox.client.reset(slot_id)
+        except SandboxUnavailable as exc:
             # The slot stays out of the free list: it is not known to be clean.
             log.error(
                 "event=slot_reset_failed sandbox=%s slot=%s error=%s",
                 sandbox.sandbox_id,
                 slot_id,
-                exc,
+                exc.message,
             )
             sandbox.failed_checks += 1
         else:
@@ -242,7 +180,7 @@ class Pool:
             sandbox.resetting.discard(slot_id)
             if sandbox.idle:
                 sandbox.idle_since = time.monotonic()
-            if not done.done():
+            if done is not None and not done.done():
                 done.set_result(None)
             self._grant_waiters()
 
@@ -250,27 +188,27 @@ class Pool:
         slots = sum(len(s.slot_ids) for s in self.sandboxes.values() if not s.lost)
         return (
             f"no free slot within {timeout_s:g}s: {len(self.sandboxes)} sandboxes "
-            f"(max {self.settings.max_containers}), {slots} slots, all leased; release "
+            f"(max {self.settings.max_sandboxes}), {slots} slots, all leased; release "
             "finished trajectories or raise TOOL_EXECUTOR_MAX_CONTAINERS"
         )
 
-    # ---- discovery, health, scaling
-
-    def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.backend.token}"}
+    # ---- discovery and health
 
     async def sync(self) -> None:
         """Admit new sandboxes the backend reports; retire the ones it no longer does."""
         try:
             infos = await self.backend.sandboxes()
         except BackendError as exc:
-            self.backend_error = str(exc)
+            self.backend_error = exc.message
             return
         self.backend_error = None
         listed = {info.sandbox_id: info for info in infos}
         for sandbox_id in list(self.sandboxes):
             if sandbox_id not in listed:
                 self.retire(self.sandboxes[sandbox_id], "it is no longer running")
+        for sandbox_id in list(self.refused):
+            if sandbox_id not in listed:
+                del self.refused[sandbox_id]
         for info in infos:
             if info.sandbox_id in self.sandboxes:
                 self.sandboxes[info.sandbox_id].draining = False
@@ -279,43 +217,42 @@ class Pool:
         self._grant_waiters()
 
     async def _admit(self, info: SandboxInfo) -> None:
+        client = SandboxClient(info.url, self.transport, self.backend.token)
         try:
-            health = await self.client.get(info.url + "/health", timeout=HEALTH_TIMEOUT_S)
-            instance_id = str(health.json().get("instance_id", ""))
-            if (info.sandbox_id, instance_id) in self.retired:
-                return
-            response = await self.client.get(
-                info.url + "/slots", headers=self._auth(), timeout=HEALTH_TIMEOUT_S
-            )
-            response.raise_for_status()
-            described = response.json()["slots"]
-            slot_ids = [str(slot["slot_id"]) for slot in described]
-            # A sandbox this executor did not start (a restarted executor taking over a running
-            # Nomad job) may hold workspaces of earlier trajectories: reset those before use.
-            used = [str(slot["slot_id"]) for slot in described if slot.get("calls")]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            health, slots = await client.admit()
+        except ProtocolMismatch as exc:
+            if info.sandbox_id not in self.refused:
+                log.error("event=sandbox_refused sandbox=%s error=%s", info.sandbox_id, exc)
+            self.refused[info.sandbox_id] = exc.message
+            return
+        except SandboxUnavailable as exc:
             # Expected while a new sandbox starts; it is looked at again on the next sync.
             log.debug("event=sandbox_not_ready sandbox=%s error=%s", info.sandbox_id, exc)
             return
-        batcher = Batcher(
-            info.url,
-            self.batch_session(),
-            self.backend.token,
-            self.settings.batch_window_s,
-            self.settings.max_batch_size,
+        if (info.sandbox_id, health.instance_id) in self.retired:
+            return
+        batcher = Batcher(client, self.settings.batch_window_s, self.settings.max_batch_size)
+        # A sandbox this executor did not start (a restarted executor taking over a running
+        # Nomad job) may hold workspaces of earlier trajectories: reset those before use.
+        used = [slot.slot_id for slot in slots if slot.calls]
+        free = [slot.slot_id for slot in slots if not slot.calls]
+        sandbox = PoolSandbox(
+            info,
+            client,
+            batcher,
+            [slot.slot_id for slot in slots],
+            free,
+            resetting=set(used),
+            instance_id=health.instance_id,
         )
-        free = [s for s in slot_ids if s not in used]
-        sandbox = PoolSandbox(info, batcher, slot_ids, free, instance_id=instance_id)
         self.sandboxes[info.sandbox_id] = sandbox
         for slot_id in used:
-            sandbox.resetting.add(slot_id)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.own(self._reset_slot(sandbox, slot_id, done), f"reset-{slot_id}")
+            self.own(self._reset_slot(sandbox, slot_id), f"reset-{slot_id}")
         log.info(
             "event=sandbox_admitted sandbox=%s url=%s slots=%d resetting=%d",
             info.sandbox_id,
             info.url,
-            len(slot_ids),
+            len(slots),
             len(used),
         )
 
@@ -343,11 +280,10 @@ class Pool:
         """One health check; retire the sandbox once ``failures_to_retire`` checks in a row
         failed, or at once when it restarted in place (same address, new instance)."""
         try:
-            response = await self.client.get(sandbox.info.url + "/health", timeout=HEALTH_TIMEOUT_S)
-            healthy = response.status_code == 200
-            instance_id = response.json().get("instance_id", "") if healthy else ""
-        except (httpx.HTTPError, ValueError):
-            healthy, instance_id = False, ""
+            instance_id = (await sandbox.client.health()).instance_id
+            healthy = True
+        except SandboxUnavailable:
+            instance_id, healthy = "", False
         if healthy and instance_id != sandbox.instance_id:
             # Nomad restarts a task inside its allocation: same address, new sandbox.
             self.retire(sandbox, "it restarted")
@@ -363,26 +299,18 @@ class Pool:
         sandboxes = list(self.sandboxes.values())
         await asyncio.gather(*(self.probe(s, FAILED_CHECKS_TO_RETIRE) for s in sandboxes))
 
+    # ---- scaling
+
+    def by_index(self) -> list[PoolSandbox]:
+        return sorted(self.sandboxes.values(), key=lambda s: s.info.index)
+
     def desired_count(self) -> int | None:
         """How many sandboxes the pool wants now, or None to leave the count alone."""
-        live = sorted(self.sandboxes.values(), key=lambda s: s.info.index)
-        per_sandbox = self.settings.slots
         waiting = sum(1 for w in self.waiters if not w.future.done())
-        if waiting:
-            busy = sum(len(s.leased) + len(s.resetting) for s in live)
-            needed = math.ceil((busy + waiting) / per_sandbox)
-            wanted = min(self.settings.max_containers, max(needed, len(live) + 1))
-            return wanted if wanted > len(live) else None
-        quiet = time.monotonic() - self.settings.scale_down_idle_s
-        keep = 0
-        for position, sandbox in enumerate(live):
-            if not (sandbox.idle and sandbox.idle_since <= quiet):
-                keep = position + 1
-        wanted = max(self.settings.min_containers, keep)
-        return wanted if wanted < len(live) else None
+        return wanted_sandboxes(self.by_index(), waiting, self.settings, time.monotonic())
 
     async def _scale(self, count: int) -> None:
-        live = sorted(self.sandboxes.values(), key=lambda s: s.info.index)
+        live = self.by_index()
         idle = set()
         if count < len(live):
             # Stop handing out slots of the sandboxes that may go, before they go.
@@ -394,13 +322,13 @@ class Pool:
             await self.backend.scale(count, idle)
             self.backend_error = None
         except BackendError as exc:
-            self.backend_error = str(exc)
+            self.backend_error = exc.message
             log.error("event=scale_failed count=%d error=%s", count, exc)
             return
         await self.sync()
         # A backend may answer before the new sandboxes run (Nomad places them afterwards):
         # look for them often while callers wait, rather than at the next monitor tick.
-        deadline = time.monotonic() + self.settings.sandbox_start_timeout_s
+        deadline = time.monotonic() + self.settings.start_timeout_s
         while count > len(self.sandboxes) and self.waiters and time.monotonic() < deadline:
             await asyncio.sleep(DISCOVERY_POLL_S)
             await self.sync()
@@ -416,9 +344,7 @@ class Pool:
                 await self.sync()
                 wanted = self.desired_count()
                 if wanted is not None and (self.scaling is None or self.scaling.done()):
-                    self.scaling = asyncio.create_task(self._scale(wanted), name="pool-scale")
-                    self.tasks.add(self.scaling)
-                    self.scaling.add_done_callback(self.tasks.discard)
+                    self.scaling = self.own(self._scale(wanted), "pool-scale")
             except Exception:  # the monitor must outlive any one bad round
                 log.exception("event=pool_monitor_error")
 
@@ -429,7 +355,8 @@ class Pool:
             return False, "starting"
         live = [s for s in self.sandboxes.values() if not s.lost]
         if not live:
-            return False, self.backend_error or "no sandbox is running"
+            refused = "; ".join(self.refused.values())
+            return False, self.backend_error or refused or "no sandbox is running"
         if self.backend_error:
             # Leases keep working on the sandboxes we have, but nothing can be scaled or
             # replaced until the backend answers again.
@@ -437,18 +364,19 @@ class Pool:
         return True, "ok"
 
     def describe(self) -> dict[str, Any]:
-        live = list(self.sandboxes.values())
+        live = self.by_index()
         return {
             "backend": self.backend.describe(),
             "sandboxes": len(live),
-            "min_containers": self.settings.min_containers,
-            "max_containers": self.settings.max_containers,
-            "slots_per_sandbox": self.settings.slots,
+            "min_containers": self.settings.min_sandboxes,
+            "max_containers": self.settings.max_sandboxes,
+            "slots_per_sandbox": self.settings.slots_per_sandbox,
             "total_slots": sum(len(s.slot_ids) for s in live),
             "free_slots": sum(len(s.free) for s in live),
             "leased_slots": sum(len(s.leased) for s in live),
             "waiting_for_slot": len(self.waiters),
             "lost_sandboxes": self.lost_sandboxes,
             "backend_error": self.backend_error,
-            "per_sandbox": [s.describe() for s in sorted(live, key=lambda s: s.info.index)],
+            "refused_sandboxes": self.refused,
+            "per_sandbox": [s.describe() for s in live],
         }

@@ -2,10 +2,16 @@
 
 Every name the old service read keeps its meaning and default; booleans accept
 1/true/yes/y/on (and their negatives). An invalid value stops start-up with its name.
+
+``ExecutorSettings`` is read once, at start; each component gets only the part it uses
+(``pool()``, ``calls()``, ``local()``, ``nomad()``), and ``sandbox_environment()`` is the one
+translation of executor settings into a sandbox server's (``ATROPOS_SANDBOX_*``), used by
+both backends.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -103,6 +109,152 @@ class ExecutorSettings(BaseSettings):
             )
         return self
 
-    @property
-    def batch_window_s(self) -> float:
-        return self.batch_window_ms / 1000
+    def pool(self) -> PoolSettings:
+        return PoolSettings(
+            slots_per_sandbox=self.slots,
+            min_sandboxes=self.min_containers,
+            max_sandboxes=self.max_containers,
+            health_interval_s=self.health_interval_s,
+            scale_down_idle_s=self.scale_down_idle_s,
+            start_timeout_s=self.sandbox_start_timeout_s,
+            batch_window_s=self.batch_window_ms / 1000,
+            max_batch_size=self.max_batch_size,
+        )
+
+    def calls(self) -> CallSettings:
+        return CallSettings(
+            max_queue=self.max_queue,
+            acquire_timeout_s=self.acquire_timeout_s,
+            lease_idle_expiry_s=self.lease_idle_expiry_s,
+        )
+
+    def local(self) -> LocalSettings:
+        return LocalSettings(
+            slots_per_sandbox=self.slots,
+            min_sandboxes=self.min_containers,
+            max_sandboxes=self.max_containers,
+            start_timeout_s=self.sandbox_start_timeout_s,
+            data_dir=self.sandbox_data_dir,
+            slot_uid_base=self.sandbox_slot_uid_base,
+            sandbox_env=self.sandbox_environment(),
+        )
+
+    def nomad(self) -> NomadSettings:
+        return NomadSettings(
+            address=self.nomad_address.rstrip("/"),
+            acl_token=self.nomad_token.get_secret_value() if self.nomad_token else None,
+            namespace=self.nomad_namespace,
+            region=self.nomad_region,
+            tls_verify=self.nomad_tls_verify,
+            ca_cert=self.nomad_ca_cert,
+            client_cert=self.nomad_client_cert,
+            client_key=self.nomad_client_key,
+            timeout_s=self.nomad_timeout_s,
+            job_id=self.job_id,
+            image=self.image,
+            driver=self.nomad_driver,
+            privileged=self.privileged,
+            raw_exec_command=self.nomad_raw_exec_command,
+            datacenters=tuple(self.nomad_datacenters),
+            cpu_mhz=self.nomad_cpu_mhz,
+            memory_mb=self.nomad_memory_mb,
+            restart_attempts=self.nomad_restart_attempts,
+            restart_delay_s=self.nomad_restart_delay_s,
+            service_name=self.nomad_service_name,
+            purge_on_shutdown=self.purge_job_on_shutdown,
+            slots_per_sandbox=self.slots,
+            min_sandboxes=self.min_containers,
+            max_sandboxes=self.max_containers,
+            start_timeout_s=self.sandbox_start_timeout_s,
+            isolation=self.sandbox_isolation,
+            sandbox_env=self.sandbox_environment(),
+        )
+
+    def sandbox_environment(self) -> dict[str, str]:
+        """What every sandbox server of the pool is told (``ATROPOS_SANDBOX_*``); backends add
+        where it listens, its data dir and its token."""
+        return {
+            "ATROPOS_SANDBOX_SLOTS": str(self.slots),
+            "ATROPOS_SANDBOX_ALLOW_NETWORK": str(self.allow_network).lower(),
+            "ATROPOS_SANDBOX_ISOLATION": self.sandbox_isolation,
+            "ATROPOS_SANDBOX_MEMORY_MB": str(self.sandbox_memory_mb),
+            "ATROPOS_SANDBOX_MAX_PROCESSES": str(self.sandbox_max_processes),
+            "ATROPOS_SANDBOX_MAX_OUTPUT_BYTES": str(self.sandbox_max_output_bytes),
+            "ATROPOS_SANDBOX_MAX_FILE_BYTES": str(self.sandbox_max_file_bytes),
+            "ATROPOS_SANDBOX_DISK_MB": str(self.sandbox_disk_mb),
+            "ATROPOS_SANDBOX_MAX_REQUEST_BYTES": str(self.max_request_bytes),
+            "ATROPOS_SANDBOX_SLOT_UID_BASE": str(self.sandbox_slot_uid_base),
+        }
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """How many sandboxes, how often they are checked, how calls to them are batched."""
+
+    slots_per_sandbox: int
+    min_sandboxes: int
+    max_sandboxes: int
+    health_interval_s: float
+    # Quiet period before an idle sandbox is stopped.
+    scale_down_idle_s: float
+    # How long a scale-up may take to show its new sandboxes.
+    start_timeout_s: float
+    batch_window_s: float
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """Bounds on the calls the executor holds."""
+
+    max_queue: int
+    acquire_timeout_s: float
+    lease_idle_expiry_s: float
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Sandboxes as child processes on this machine."""
+
+    slots_per_sandbox: int
+    min_sandboxes: int
+    max_sandboxes: int
+    start_timeout_s: float
+    # None: a temporary directory, removed on shutdown.
+    data_dir: Path | None
+    # Sandbox N claims slot uids from slot_uid_base + N * slots_per_sandbox.
+    slot_uid_base: int
+    sandbox_env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class NomadSettings:
+    """The pool as one Nomad job: how to reach Nomad, and what the job runs."""
+
+    address: str
+    acl_token: str | None
+    namespace: str | None
+    region: str | None
+    tls_verify: bool
+    ca_cert: Path | None
+    client_cert: Path | None
+    client_key: Path | None
+    timeout_s: float
+    job_id: str
+    image: str
+    driver: Literal["docker", "raw_exec"]
+    privileged: bool
+    raw_exec_command: str
+    datacenters: tuple[str, ...]
+    cpu_mhz: int
+    memory_mb: int
+    restart_attempts: int
+    restart_delay_s: float
+    service_name: str
+    purge_on_shutdown: bool
+    slots_per_sandbox: int
+    min_sandboxes: int
+    max_sandboxes: int
+    start_timeout_s: float
+    isolation: Literal["bwrap", "none"]
+    sandbox_env: dict[str, str]

@@ -12,8 +12,8 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from atropos_agent.sandbox.isolation import IsolationUnavailable
-from atropos_agent.sandbox.server import create_app
+from atropos_agent.errors import IsolationUnavailable, SandboxStartError
+from atropos_agent.sandbox.app import create_app
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.web import describe_settings_error
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     try:
         app.state.sandbox.prepare()
-    except (IsolationUnavailable, RuntimeError) as exc:
+    except (IsolationUnavailable, SandboxStartError) as exc:
         sys.exit(f"atropos-sandbox: cannot start: {exc}")
     # The standard event loop: slots start their agents as other uids (user=/group= of
     # asyncio's subprocess API), which uvloop does not offer.

@@ -14,19 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atropos_agent.errors import IsolationUnavailable
+from atropos_agent.sandbox.agent.workspace import WORKSPACE_IN_SLOT
 from atropos_agent.sandbox.settings import SandboxSettings
 
-AGENT_PATH_IN_SLOT = "/run/atropos/agent.py"
-WORKSPACE_IN_SLOT = "/workspace"
+# Where a slot sees the agent's runtime directory (``runtime.py``), read-only.
+RUNTIME_IN_SLOT = "/run/atropos"
 # System directories a command sees, read-only. Merged-/usr hosts have symlinks for most.
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 # The identity commands have inside the slot's user namespace (not root: no capabilities).
 UID_IN_SLOT = 1000
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class IsolationUnavailable(RuntimeError):
-    """bubblewrap cannot create a sandbox on this host."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ def system_mounts() -> list[str]:
     return args
 
 
-def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) -> list[str]:
+def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, runtime_dir: Path) -> list[str]:
     bwrap = shutil.which("bwrap") or "bwrap"
     network = [] if settings.allow_network else ["--unshare-net"]
     return [
@@ -104,8 +102,8 @@ def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) 
         str(paths.tmp),
         "/tmp",
         "--ro-bind",
-        str(agent_file),
-        AGENT_PATH_IN_SLOT,
+        str(runtime_dir),
+        RUNTIME_IN_SLOT,
         "--chdir",
         WORKSPACE_IN_SLOT,
         "--clearenv",
@@ -122,27 +120,32 @@ def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, agent_file: Path) 
 
 
 def launch_for(
-    settings: SandboxSettings, uid: int | None, paths: SlotPaths, agent_file: Path
+    settings: SandboxSettings, uid: int | None, paths: SlotPaths, runtime_dir: Path
 ) -> Launch:
-    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own)."""
+    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own).
+
+    The agent is the runtime directory run as a program (``runtime.py``): ``-I`` keeps the
+    environment and user site out, ``-S`` skips ``site`` (nothing of it is needed, and every
+    slot would carry it).
+    """
     config = json.dumps(agent_config(settings, paths))
     python = settings.slot_python()
     if settings.isolation == "bwrap":
         argv = [
-            *bwrap_prefix(settings, paths, agent_file),
+            *bwrap_prefix(settings, paths, runtime_dir),
             python,
             "-I",
             "-S",
-            AGENT_PATH_IN_SLOT,
+            RUNTIME_IN_SLOT,
             config,
         ]
     else:
-        argv = [python, "-I", "-S", str(agent_file), config]
+        argv = [python, "-I", "-S", str(runtime_dir), config]
     return Launch(argv=argv, uid=uid, cwd=str(paths.workspace))
 
 
 def probe_bwrap(
-    settings: SandboxSettings, uid: int | None, paths: SlotPaths, agent_file: Path
+    settings: SandboxSettings, uid: int | None, paths: SlotPaths, runtime_dir: Path
 ) -> None:
     """Start one throw-away sandbox with the exact flags slots use; raise with a fix if it fails."""
     if shutil.which("bwrap") is None:
@@ -150,7 +153,7 @@ def probe_bwrap(
             "bubblewrap is not installed: install it (apt-get install bubblewrap), "
             "or start with --isolation none to run commands WITHOUT isolation (unsafe)"
         )
-    argv = [*bwrap_prefix(settings, paths, agent_file), "/bin/sh", "-c", "exit 0"]
+    argv = [*bwrap_prefix(settings, paths, runtime_dir), "/bin/sh", "-c", "exit 0"]
     try:
         done = subprocess.run(
             argv,

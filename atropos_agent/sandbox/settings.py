@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from atropos_agent.errors import SandboxStartError
+
 MIB = 1024 * 1024
 
 
@@ -79,7 +81,7 @@ class SandboxSettings(BaseSettings):
         for candidate in candidates:
             if candidate and os.access(candidate, os.X_OK):
                 return candidate
-        raise RuntimeError(
+        raise SandboxStartError(
             f"no python3 for the slot agent (looked for {', '.join(map(str, candidates))}): "
             "install python3 (apt-get install python3) or set ATROPOS_SANDBOX_PYTHON"
         )

@@ -9,36 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from atropos_agent.errors import SandboxStartError, SlotBusy
+from atropos_agent.sandbox.agent.framing import (
+    FRAME_HEADER,
+    OP_SHUTDOWN,
+    body_length,
+    decode_body,
+    encode_frame,
+)
+from atropos_agent.sandbox.agent.results import failure
 from atropos_agent.sandbox.isolation import Launch, SlotPaths, launch_for
+from atropos_agent.sandbox.protocol import SlotState
 from atropos_agent.sandbox.settings import SandboxSettings
 
 log = logging.getLogger("atropos.sandbox")
 
-FRAME_HEADER = struct.Struct(">I")
 AGENT_START_TIMEOUT_S = 20.0
 # Time the agent gets beyond a command's own timeout to kill it and answer.
 AGENT_GRACE_S = 15.0
 # Time an agent gets to clean up after it is asked to stop, before it is killed.
 AGENT_STOP_TIMEOUT_S = 3.0
-
-
-class SlotBusy(Exception):
-    """Too many calls are already waiting for this slot."""
-
-
-class AgentLost(Exception):
-    """The slot's agent died or stopped answering."""
 
 
 def prepare_dir(path: Path, uid: int | None) -> None:
@@ -83,18 +82,24 @@ def kill_uid_processes(uid: int) -> None:
 
 
 class Slot:
+    """One slot: its agent process (inside the slot's isolation), its queue, its directories.
+
+    ``runtime_dir`` holds the agent (``runtime.py``); ``uid`` is the slot's host uid (None:
+    the server's own).
+    """
+
     def __init__(
         self,
         index: int,
         uid: int | None,
         settings: SandboxSettings,
         data_dir: Path,
-        agent_file: Path,
+        runtime_dir: Path,
     ):
         self.index = index
         self.slot_id = f"slot_{index}"
         self.settings = settings
-        self.agent_file = agent_file
+        self.runtime_dir = runtime_dir
         root = data_dir / "slots" / self.slot_id
         self.paths = SlotPaths(root=root, workspace=root / "workspace", tmp=root / "tmp")
         self.uid = uid
@@ -115,19 +120,19 @@ class Slot:
         os.chmod(self.paths.root, 0o711)
         prepare_dir(self.paths.workspace, self.uid)
         prepare_dir(self.paths.tmp, self.uid)
-        launch = launch_for(self.settings, self.uid, self.paths, self.agent_file)
+        launch = launch_for(self.settings, self.uid, self.paths, self.runtime_dir)
         self.process = await self._spawn(launch)
         try:
             ready = await asyncio.wait_for(self._receive(), AGENT_START_TIMEOUT_S)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             await self._kill()
-            raise RuntimeError(
+            raise SandboxStartError(
                 f"{self.slot_id}: the slot agent did not start ({type(exc).__name__}); "
                 "see the server log for its error output"
             ) from exc
         if not ready.get("ready"):
             await self._kill()
-            raise RuntimeError(f"{self.slot_id}: unexpected first message from agent: {ready}")
+            raise SandboxStartError(f"{self.slot_id}: unexpected first message from agent: {ready}")
         self.started_at = time.time()
         log.debug("event=slot_started slot=%s pid=%s", self.slot_id, self.process.pid)
 
@@ -152,7 +157,7 @@ class Slot:
             return
         if process.returncode is None and process.stdin is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await self._send({"op": "shutdown"})
+                await self._send({"op": OP_SHUTDOWN})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(process.wait(), AGENT_STOP_TIMEOUT_S)
         await self._kill()
@@ -232,49 +237,50 @@ class Slot:
             await asyncio.shield(self._kill())
             self.lost_reason = "an earlier call was abandoned by its caller"
             raise
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            reason = "stopped answering" if isinstance(exc, TimeoutError) else "died"
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            reason = (
+                "stopped answering"
+                if isinstance(exc, TimeoutError)
+                else "sent a malformed answer"
+                if isinstance(exc, ValueError)
+                else "died"
+            )
             log.warning("event=agent_lost slot=%s reason=%s", self.slot_id, reason)
             await self._kill()
             self.restarts += 1
             self.lost_reason = f"the slot's agent {reason} during an earlier call"
-            return {
-                "success": False,
-                "output": "",
-                "error": (
-                    f"{self.slot_id}: the slot's agent {reason} during this call (a command may "
-                    "have killed it); every process of the slot was stopped, workspace files "
-                    "are kept, and the next call starts the slot again"
-                ),
-                "metadata": {"slot_lost": True},
-            }
+            return failure(
+                f"{self.slot_id}: the slot's agent {reason} during this call (a command may "
+                "have killed it); every process of the slot was stopped, workspace files "
+                "are kept, and the next call starts the slot again",
+                slot_lost=True,
+            )
         if restarted_because:
             result.setdefault("metadata", {})["slot_restarted"] = restarted_because
         return result
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
-        body = json.dumps(message, separators=(",", ":")).encode()
-        self.process.stdin.write(FRAME_HEADER.pack(len(body)) + body)
-        if len(body) > 65536:
+        frame = encode_frame(message)
+        self.process.stdin.write(frame)
+        # Small frames fit the pipe: waiting for the drain would cost a loop turn per call.
+        if len(frame) > 65536:
             await self.process.stdin.drain()
 
     async def _receive(self) -> dict[str, Any]:
         assert self.process is not None and self.process.stdout is not None
         header = await self.process.stdout.readexactly(FRAME_HEADER.size)
-        (length,) = FRAME_HEADER.unpack(header)
-        body = await self.process.stdout.readexactly(length)
-        message: dict[str, Any] = json.loads(body)
-        return message
+        body = await self.process.stdout.readexactly(body_length(header))
+        return decode_body(body)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "slot_id": self.slot_id,
-            "busy": self.busy,
-            "pending": self.pending,
-            "calls": self.calls,
-            "restarts": self.restarts,
-            "pid": self.process.pid if self.process else None,
-            "alive": self.process is not None and self.process.returncode is None,
-            "started_at": self.started_at,
-        }
+    def describe(self) -> SlotState:
+        return SlotState(
+            slot_id=self.slot_id,
+            busy=self.busy,
+            pending=self.pending,
+            calls=self.calls,
+            restarts=self.restarts,
+            pid=self.process.pid if self.process else None,
+            alive=self.process is not None and self.process.returncode is None,
+            started_at=self.started_at,
+        )

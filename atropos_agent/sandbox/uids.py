@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atropos_agent.errors import SandboxStartError
+
 LOCK_DIR = Path("/run/atropos-sandbox/uids")
 MAX_RANGES_SCANNED = 4096
 
@@ -54,7 +56,7 @@ def claim(preferred_base: int, count: int, lock_dir: Path = LOCK_DIR) -> UidRang
             return UidRange(start, count, held)
         for fd in held:
             os.close(fd)
-    raise RuntimeError(
+    raise SandboxStartError(
         f"no free range of {count} slot uids from {preferred_base}: "
         f"{MAX_RANGES_SCANNED} ranges are held by other sandbox servers"
     )

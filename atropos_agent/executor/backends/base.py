@@ -2,7 +2,8 @@
 
 The pool (``pool.py``) decides *how many* sandboxes there should be and which slots are leased;
 a backend only makes the count real (child processes, or allocations of a Nomad job) and
-reports which sandboxes are running and where they listen.
+reports which sandboxes are running and where they listen. Failures raise ``BackendError``
+(``atropos_agent.errors``) saying why and what to do.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ import abc
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
-
-
-class BackendError(RuntimeError):
-    """The backend cannot provide sandboxes; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

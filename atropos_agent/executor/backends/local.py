@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from atropos_agent.executor.backends.base import Backend, BackendError, SandboxInfo
-from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.errors import BackendError, SandboxUnavailable
+from atropos_agent.executor.backends.base import Backend, SandboxInfo
+from atropos_agent.executor.sandbox_client import SandboxClient
+from atropos_agent.executor.settings import LocalSettings
+from atropos_agent.executor.transport import Transport
 
 log = logging.getLogger("atropos.backend.local")
 
@@ -72,12 +73,13 @@ class Child:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, settings: ExecutorSettings) -> None:
+    def __init__(self, settings: LocalSettings, transport: Transport) -> None:
         self.settings = settings
+        self.transport = transport
         self.token = secrets.token_urlsafe(32)
-        self.owns_data_dir = settings.sandbox_data_dir is None
+        self.owns_data_dir = settings.data_dir is None
         self.data_dir = Path(
-            settings.sandbox_data_dir or tempfile.mkdtemp(prefix="atropos-pool-")
+            settings.data_dir or tempfile.mkdtemp(prefix="atropos-pool-")
         ).resolve()
         self.children: dict[int, Child] = {}
         self.failed: dict[int, str] = {}
@@ -116,10 +118,10 @@ class LocalBackend(Backend):
         ]
 
     async def scale(self, count: int, idle: Collection[str]) -> None:
-        count = max(self.settings.min_containers, min(count, self.settings.max_containers))
+        count = max(self.settings.min_sandboxes, min(count, self.settings.max_sandboxes))
         running = sorted(self.children.values(), key=lambda c: c.index)
         if count > len(running):
-            free = [i for i in range(self.settings.max_containers) if i not in self.children]
+            free = [i for i in range(self.settings.max_sandboxes) if i not in self.children]
             wanted = free[: count - len(running)]
             log.info("event=scale_up from=%d to=%d", len(running), len(running) + len(wanted))
             results = await asyncio.gather(
@@ -163,8 +165,9 @@ class LocalBackend(Backend):
     # ---- children
 
     def _argv(self, index: int, port: int) -> list[str]:
-        s = self.settings
-        argv = [
+        # Settings travel in the environment (ATROPOS_SANDBOX_*), as on Nomad; flags only say
+        # where this child listens and that it dies with us.
+        return [
             sys.executable,
             "-m",
             "atropos_agent.sandbox",
@@ -172,37 +175,20 @@ class LocalBackend(Backend):
             "127.0.0.1",
             "--port",
             str(port),
-            "--slots",
-            str(s.slots),
             "--data-dir",
             str(self.data_dir / f"sandbox-{index}"),
-            "--isolation",
-            s.sandbox_isolation,
-            "--slot-uid-base",
-            str(s.sandbox_slot_uid_base + index * s.slots),
-            "--memory-mb",
-            str(s.sandbox_memory_mb),
-            "--max-processes",
-            str(s.sandbox_max_processes),
-            "--max-output-bytes",
-            str(s.sandbox_max_output_bytes),
-            "--max-file-bytes",
-            str(s.sandbox_max_file_bytes),
-            "--disk-mb",
-            str(s.sandbox_disk_mb),
-            "--max-request-bytes",
-            str(s.max_request_bytes),
             "--parent-pid",
             str(os.getpid()),
             "--log-level",
             "warning",
-            "--allow-network" if s.allow_network else "--no-network",
         ]
-        return argv
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, index: int) -> dict[str, str]:
         # Only what the sandbox server needs: none of the executor's own secrets.
         env = {key: os.environ[key] for key in ("PATH", "LANG", "PYTHONPATH") if key in os.environ}
+        env.update(self.settings.sandbox_env)
+        uid_base = self.settings.slot_uid_base + index * self.settings.slots_per_sandbox
+        env["ATROPOS_SANDBOX_SLOT_UID_BASE"] = str(uid_base)
         env["ATROPOS_SANDBOX_TOKEN"] = self.token
         return env
 
@@ -215,7 +201,7 @@ class LocalBackend(Backend):
                 *self._argv(index, port),
                 stdout=log_file,
                 stderr=log_file,
-                env=self._env(),
+                env=self._env(index),
                 stdin=asyncio.subprocess.DEVNULL,
             )
         child = Child(index, self.generation, port, process, log_path, restarts=restarts or [])
@@ -236,24 +222,18 @@ class LocalBackend(Backend):
         return child
 
     async def _wait_ready(self, child: Child) -> None:
-        deadline = time.monotonic() + self.settings.sandbox_start_timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
-            while time.monotonic() < deadline:
-                if child.process.returncode is not None:
-                    raise BackendError(
-                        f"sandbox {child.index} exited with status {child.process.returncode} "
-                        f"while starting:\n{child.log_tail()}"
-                    )
-                try:
-                    if (await client.get(child.url + "/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise BackendError(
-            f"sandbox {child.index} not healthy after {self.settings.sandbox_start_timeout_s}s:"
-            f"\n{child.log_tail()}"
-        )
+        async def exited() -> str | None:
+            status = child.process.returncode
+            return None if status is None else f"it exited with status {status}"
+
+        try:
+            await SandboxClient(child.url, self.transport).wait_until_healthy(
+                self.settings.start_timeout_s, exited
+            )
+        except SandboxUnavailable as exc:
+            raise BackendError(
+                f"sandbox {child.index} did not start: {exc.message}\n{child.log_tail()}"
+            ) from None
 
     async def _watch(self, child: Child) -> None:
         """Start a child again when it dies unexpectedly (with back-off, up to a limit)."""

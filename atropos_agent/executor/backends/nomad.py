@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
-import httpx
 import nomad
 import nomad.api.exceptions as nomad_errors
 import requests
 
-from atropos_agent.executor.backends.base import Backend, BackendError, SandboxInfo
+from atropos_agent.errors import BackendError, SandboxUnavailable
+from atropos_agent.executor.backends.base import Backend, SandboxInfo
 from atropos_agent.executor.backends.nomad_job import (
     GROUP,
     PORT_LABEL,
@@ -37,7 +37,9 @@ from atropos_agent.executor.backends.nomad_job import (
     build_job,
     token_variable_path,
 )
-from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.executor.sandbox_client import SandboxClient
+from atropos_agent.executor.settings import NomadSettings
+from atropos_agent.executor.transport import Transport
 
 log = logging.getLogger("atropos.backend.nomad")
 
@@ -59,22 +61,23 @@ def nomad_message(exc: BaseException) -> str:
 class NomadBackend(Backend):
     name = "nomad"
 
-    def __init__(self, settings: ExecutorSettings) -> None:
+    def __init__(self, settings: NomadSettings, transport: Transport) -> None:
         self.settings = settings
+        self.transport = transport
         self.job_id = settings.job_id
         self.token = ""
-        verify: bool | str = settings.nomad_tls_verify
-        if verify and settings.nomad_ca_cert:
-            verify = str(settings.nomad_ca_cert)
+        verify: bool | str = settings.tls_verify
+        if verify and settings.ca_cert:
+            verify = str(settings.ca_cert)
         cert: tuple[str, ...] = ()
-        if settings.nomad_client_cert and settings.nomad_client_key:
-            cert = (str(settings.nomad_client_cert), str(settings.nomad_client_key))
+        if settings.client_cert and settings.client_key:
+            cert = (str(settings.client_cert), str(settings.client_key))
         self.api = nomad.Nomad(
-            address=settings.nomad_address.rstrip("/"),
-            token=settings.nomad_token.get_secret_value() if settings.nomad_token else None,
-            namespace=settings.nomad_namespace,
-            region=settings.nomad_region,
-            timeout=settings.nomad_timeout_s,
+            address=settings.address,
+            token=settings.acl_token,
+            namespace=settings.namespace,
+            region=settings.region,
+            timeout=settings.timeout_s,
             verify=verify,
             cert=cert,
         )
@@ -95,7 +98,7 @@ class NomadBackend(Backend):
                 f"Nomad refused to {what} ({nomad_message(exc)}): check NOMAD_TOKEN and its "
                 "ACL policy (the executor needs submit-job, read-job, list-jobs, scale-job, "
                 "alloc-lifecycle, and variables read/write on nomad/jobs/<job> in namespace "
-                f"{self.settings.nomad_namespace or 'default'}; see docs/operations.md)"
+                f"{self.settings.namespace or 'default'}; see docs/operations.md)"
             ) from exc
         except (nomad_errors.BaseNomadException, requests.RequestException) as exc:
             answered = isinstance(
@@ -110,15 +113,15 @@ class NomadBackend(Backend):
     # ---- life cycle
 
     async def start(self, count: int) -> None:
-        address = self.settings.nomad_address
+        address = self.settings.address
         try:
             leader = await self.call("name its leader", self.api.status.leader.get_leader)
         except BackendError as exc:
             raise BackendError(f"Nomad at {address} did not answer: {exc}") from exc
         log.info("event=nomad_connected address=%s leader=%s", address, leader)
         if (
-            self.settings.nomad_driver == "docker"
-            and self.settings.sandbox_isolation == "bwrap"
+            self.settings.driver == "docker"
+            and self.settings.isolation == "bwrap"
             and not self.settings.privileged
         ):
             log.warning(
@@ -139,7 +142,7 @@ class NomadBackend(Backend):
                 "read the token variable",
                 self.api.variable.get_variable,
                 path,
-                namespace=self.settings.nomad_namespace,
+                namespace=self.settings.namespace,
             )
             token = str(variable["Items"]["sandbox_token"])
             log.info("event=token_reused variable=%s", path)
@@ -149,7 +152,7 @@ class NomadBackend(Backend):
                 raise
         token = secrets.token_urlsafe(32)
         payload = {
-            "Namespace": self.settings.nomad_namespace or "default",
+            "Namespace": self.settings.namespace or "default",
             "Path": path,
             "Items": {"sandbox_token": token},
         }
@@ -158,7 +161,7 @@ class NomadBackend(Backend):
             self.api.variable.create_variable,
             path,
             payload,
-            namespace=self.settings.nomad_namespace,
+            namespace=self.settings.namespace,
             cas=0,
         )
         log.info("event=token_created variable=%s", path)
@@ -171,7 +174,7 @@ class NomadBackend(Backend):
                 "read the job",
                 self.api.job.get_job,
                 self.job_id,
-                namespace=self.settings.nomad_namespace,
+                namespace=self.settings.namespace,
             )
         except BackendError as exc:
             if not isinstance(exc.__cause__, nomad_errors.URLNotFoundNomadException):
@@ -199,29 +202,28 @@ class NomadBackend(Backend):
 
     async def _wait_for(self, count: int) -> None:
         """Until ``count`` sandboxes answer /health; fail fast when Nomad says they cannot."""
-        deadline = time.monotonic() + self.settings.sandbox_start_timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
-            while True:
-                healthy = 0
-                for info in await self.sandboxes():
-                    try:
-                        if (await client.get(info.url + "/health")).status_code == 200:
-                            healthy += 1
-                    except httpx.HTTPError:
-                        pass
-                if healthy >= count:
-                    return
-                reason = await self.why_not_running()
-                if reason:
-                    raise BackendError(
-                        f"sandbox allocations of job {self.job_id} cannot start: {reason}"
-                    )
-                if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"{healthy} of {count} sandboxes healthy after "
-                        f"{self.settings.sandbox_start_timeout_s:g}s (job {self.job_id})"
-                    )
-                await asyncio.sleep(0.5)
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while True:
+            healthy = 0
+            for info in await self.sandboxes():
+                try:
+                    await SandboxClient(info.url, self.transport).health()
+                    healthy += 1
+                except SandboxUnavailable:
+                    pass
+            if healthy >= count:
+                return
+            reason = await self.why_not_running()
+            if reason:
+                raise BackendError(
+                    f"sandbox allocations of job {self.job_id} cannot start: {reason}"
+                )
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"{healthy} of {count} sandboxes healthy after "
+                    f"{self.settings.start_timeout_s:g}s (job {self.job_id})"
+                )
+            await asyncio.sleep(0.5)
 
     async def why_not_running(self) -> str | None:
         """The cause, read from evaluations and task events, when allocations cannot run."""
@@ -229,7 +231,7 @@ class NomadBackend(Backend):
             "list evaluations",
             self.api.job.get_evaluations,
             self.job_id,
-            namespace=self.settings.nomad_namespace,
+            namespace=self.settings.namespace,
         )
         for evaluation in sorted(evaluations, key=lambda e: e.get("CreateIndex", 0), reverse=True):
             failed = evaluation.get("FailedTGAllocs") or {}
@@ -241,7 +243,7 @@ class NomadBackend(Backend):
             "list allocations",
             self.api.job.get_allocations,
             self.job_id,
-            namespace=self.settings.nomad_namespace,
+            namespace=self.settings.namespace,
         )
         for allocation in allocations:
             for task, state in (allocation.get("TaskStates") or {}).items():
@@ -256,7 +258,7 @@ class NomadBackend(Backend):
         return None
 
     async def stop(self) -> None:
-        if not self.settings.purge_job_on_shutdown:
+        if not self.settings.purge_on_shutdown:
             log.info("event=job_kept job=%s", self.job_id)
             return
         try:
@@ -264,7 +266,7 @@ class NomadBackend(Backend):
                 "purge the job",
                 self.api.job.deregister_job,
                 self.job_id,
-                namespace=self.settings.nomad_namespace,
+                namespace=self.settings.namespace,
                 purge=True,
             )
             log.info("event=job_purged job=%s", self.job_id)
@@ -282,7 +284,7 @@ class NomadBackend(Backend):
             self.api.allocations.get_allocations,
             filter_=selector,
             resources=True,
-            namespace=self.settings.nomad_namespace,
+            namespace=self.settings.namespace,
         )
         found = []
         for allocation in allocations:
@@ -307,7 +309,7 @@ class NomadBackend(Backend):
     async def scale(self, count: int, idle: Collection[str]) -> None:
         if time.monotonic() < self.scale_not_before:
             return
-        count = max(self.settings.min_containers, min(count, self.settings.max_containers))
+        count = max(self.settings.min_sandboxes, min(count, self.settings.max_sandboxes))
         current = sorted(self.known, key=lambda info: info.index)
         if count < len(current):
             # Nomad stops the highest indexes: shrink only past a busy one, never through it.
@@ -354,9 +356,9 @@ class NomadBackend(Backend):
         )
         return {
             "backend": self.name,
-            "address": self.settings.nomad_address,
+            "address": self.settings.address,
             "job_id": self.job_id,
-            "driver": self.settings.nomad_driver,
+            "driver": self.settings.driver,
             "allocations": [
                 {"sandbox_id": info.sandbox_id, "url": info.url, "index": info.index}
                 for info in self.known

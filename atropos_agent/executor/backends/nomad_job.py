@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.executor.settings import NomadSettings
 
 GROUP = "sandbox"
 TASK = "sandbox-server"
@@ -40,58 +40,46 @@ def token_template(job_id: str) -> str:
     )
 
 
-def sandbox_env(settings: ExecutorSettings) -> dict[str, str]:
-    """The sandbox server's settings, passed down from the executor's."""
-    env = {
-        "ATROPOS_SANDBOX_HOST": "0.0.0.0",
-        "ATROPOS_SANDBOX_SLOTS": str(settings.slots),
-        "ATROPOS_SANDBOX_ALLOW_NETWORK": str(settings.allow_network).lower(),
-        "ATROPOS_SANDBOX_MEMORY_MB": str(settings.sandbox_memory_mb),
-        "ATROPOS_SANDBOX_MAX_PROCESSES": str(settings.sandbox_max_processes),
-        "ATROPOS_SANDBOX_MAX_OUTPUT_BYTES": str(settings.sandbox_max_output_bytes),
-        "ATROPOS_SANDBOX_MAX_FILE_BYTES": str(settings.sandbox_max_file_bytes),
-        "ATROPOS_SANDBOX_DISK_MB": str(settings.sandbox_disk_mb),
-        "ATROPOS_SANDBOX_MAX_REQUEST_BYTES": str(settings.max_request_bytes),
-        "ATROPOS_SANDBOX_ISOLATION": settings.sandbox_isolation,
-        "ATROPOS_SANDBOX_SLOT_UID_BASE": str(settings.sandbox_slot_uid_base),
-    }
-    if settings.nomad_driver == "docker":
+def sandbox_env(settings: NomadSettings) -> dict[str, str]:
+    """The pool's sandbox settings, listening on every interface of the allocation."""
+    env = {**settings.sandbox_env, "ATROPOS_SANDBOX_HOST": "0.0.0.0"}
+    if settings.driver == "docker":
         env["ATROPOS_SANDBOX_PORT"] = str(CONTAINER_PORT)
     return env
 
 
-def task_config(settings: ExecutorSettings) -> dict[str, Any]:
-    if settings.nomad_driver == "docker":
+def task_config(settings: NomadSettings) -> dict[str, Any]:
+    if settings.driver == "docker":
         return {
             "image": settings.image,
             "ports": [PORT_LABEL],
             "privileged": settings.privileged,
         }
     return {
-        "command": settings.nomad_raw_exec_command,
+        "command": settings.raw_exec_command,
         "args": ["-m", "atropos_agent.sandbox"],
     }
 
 
-def build_job(settings: ExecutorSettings) -> dict[str, Any]:
+def build_job(settings: NomadSettings) -> dict[str, Any]:
     """The job to register (the value of ``{"Job": ...}``)."""
     port: dict[str, Any] = {"Label": PORT_LABEL}
-    if settings.nomad_driver == "docker":
+    if settings.driver == "docker":
         port["To"] = CONTAINER_PORT
     group = {
         "Name": GROUP,
-        "Count": settings.min_containers,
+        "Count": settings.min_sandboxes,
         "Scaling": {
-            "Min": settings.min_containers,
-            "Max": settings.max_containers,
+            "Min": settings.min_sandboxes,
+            "Max": settings.max_sandboxes,
             "Enabled": True,
         },
         # No deployments: a scale is then never blocked by the previous one's deployment.
         "Update": {"MaxParallel": 0},
         "RestartPolicy": {
-            "Attempts": settings.nomad_restart_attempts,
+            "Attempts": settings.restart_attempts,
             "Interval": 300 * SECOND,
-            "Delay": int(settings.nomad_restart_delay_s * SECOND),
+            "Delay": int(settings.restart_delay_s * SECOND),
             "Mode": "fail",
         },
         "ReschedulePolicy": {
@@ -105,7 +93,7 @@ def build_job(settings: ExecutorSettings) -> dict[str, Any]:
         "Networks": [{"Mode": "host", "DynamicPorts": [port]}],
         "Services": [
             {
-                "Name": settings.nomad_service_name,
+                "Name": settings.service_name,
                 "PortLabel": PORT_LABEL,
                 "Provider": "nomad",
                 "Checks": [
@@ -122,7 +110,7 @@ def build_job(settings: ExecutorSettings) -> dict[str, Any]:
         "Tasks": [
             {
                 "Name": TASK,
-                "Driver": settings.nomad_driver,
+                "Driver": settings.driver,
                 "Config": task_config(settings),
                 "Env": sandbox_env(settings),
                 "Templates": [
@@ -134,8 +122,8 @@ def build_job(settings: ExecutorSettings) -> dict[str, Any]:
                     }
                 ],
                 "Resources": {
-                    "CPU": settings.nomad_cpu_mhz,
-                    "MemoryMB": settings.nomad_memory_mb,
+                    "CPU": settings.cpu_mhz,
+                    "MemoryMB": settings.memory_mb,
                 },
                 "KillTimeout": 15 * SECOND,
             }
@@ -145,13 +133,13 @@ def build_job(settings: ExecutorSettings) -> dict[str, Any]:
         "ID": settings.job_id,
         "Name": settings.job_id,
         "Type": "service",
-        "Datacenters": settings.nomad_datacenters,
+        "Datacenters": list(settings.datacenters),
         "TaskGroups": [group],
     }
-    if settings.nomad_namespace:
-        job["Namespace"] = settings.nomad_namespace
-    if settings.nomad_region:
-        job["Region"] = settings.nomad_region
+    if settings.namespace:
+        job["Namespace"] = settings.namespace
+    if settings.region:
+        job["Region"] = settings.region
     job["Meta"] = {SPEC_HASH_META: spec_hash(job)}
     return job
 

@@ -59,7 +59,10 @@ class NomadDouble:
         )
         self.state = State(region=region, namespaces=set(namespaces), node=node)
         self._own_root = root is None
-        self.root = root or Path(tempfile.mkdtemp(prefix="nomad-double-"))
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="nomad-double-"))
+            root.chmod(0o711)  # traversable: tasks may run as other uids below alloc dirs
+        self.root = root
         self.client = Client(self.state, self.root, os.environ if host_env is None else host_env)
         self.scheduler = Scheduler(self.state, self.client, deployment_seconds=deployment_seconds)
         routes = [

@@ -1,6 +1,6 @@
 """pytest fixtures for the Nomad test double.
 
-Use them from a test module with ``pytest_plugins = ["tests.nomad_double.fixtures"]``.
+Use them from a test module with ``pytest_plugins = ["harness.nomad_double.fixtures"]``.
 """
 
 from __future__ import annotations

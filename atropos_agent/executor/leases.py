@@ -1,0 +1,67 @@
+"""What the pool holds: each sandbox as the pool sees it, and the leases on its slots.
+
+The rules for handing them out are the pool's (``pool.py``); these are the nouns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from atropos_agent.executor.backends.base import SandboxInfo
+from atropos_agent.executor.batcher import Batcher
+from atropos_agent.executor.sandbox_client import SandboxClient
+
+
+@dataclass
+class PoolSandbox:
+    info: SandboxInfo
+    client: SandboxClient
+    batcher: Batcher
+    slot_ids: list[str]
+    free: list[str]
+    leased: dict[str, str] = field(default_factory=dict)
+    resetting: set[str] = field(default_factory=set)
+    instance_id: str = ""
+    lost: bool = False
+    draining: bool = False
+    failed_checks: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.info.sandbox_id
+
+    @property
+    def idle(self) -> bool:
+        return not self.leased and not self.resetting
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self.leased) + len(self.resetting)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sandbox_id": self.sandbox_id,
+            "url": self.info.url,
+            "index": self.info.index,
+            "slots": len(self.slot_ids),
+            "free_slots": len(self.free),
+            "leased_slots": len(self.leased),
+            "resetting_slots": len(self.resetting),
+            "draining": self.draining,
+            **self.batcher.describe(),
+        }
+
+
+@dataclass
+class Lease:
+    trajectory_id: str
+    sandbox: PoolSandbox
+    slot_id: str
+    acquired_at: float = field(default_factory=time.time)
+
+    @property
+    def lost(self) -> bool:
+        return self.sandbox.lost

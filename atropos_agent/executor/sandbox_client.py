@@ -1,0 +1,183 @@
+"""``SandboxClient``: the one object that speaks to a sandbox server.
+
+Every request the executor makes to a sandbox goes through here: health, slots, reset, batch
+streams, artifacts, and the wait for a starting sandbox. It owns the sandbox's address and
+token, checks the protocol version when a sandbox is admitted, and turns every way a sandbox
+can fail to answer into ``SandboxUnavailable`` (or ``ProtocolMismatch``) naming the sandbox.
+Payloads are the typed models of ``sandbox/protocol.py``, which the sandbox server imports too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from atropos_agent.errors import ProtocolMismatch, SandboxUnavailable
+from atropos_agent.executor.transport import Request, Response, Transport
+from atropos_agent.models import (
+    ArtifactArchiveResponse,
+    ArtifactListResponse,
+    ArtifactReadResponse,
+)
+from atropos_agent.sandbox.protocol import (
+    MIN_PROTOCOL_VERSION,
+    BatchItem,
+    ResetResponse,
+    SandboxHealth,
+    SlotArtifactArchiveRequest,
+    SlotArtifactListRequest,
+    SlotArtifactReadRequest,
+    SlotRequest,
+    SlotsResponse,
+    SlotState,
+    StreamedResult,
+)
+
+HEALTH_TIMEOUT_S = 2.0
+RESET_TIMEOUT_S = 60.0
+ARTIFACT_TIMEOUT_S = 120.0
+# Time a sandbox gets beyond the longest timeout in a batch before the executor gives up.
+BATCH_GRACE_S = 30.0
+HEALTH_POLL_S = 0.05
+
+M = TypeVar("M", bound=BaseModel)
+BATCH = TypeAdapter(list[BatchItem])
+
+
+class SandboxClient:
+    def __init__(self, url: str, transport: Transport, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.transport = transport
+        self.headers = {"Content-Type": "application/json"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:
+        return f"SandboxClient({self.url!r})"
+
+    # ---- health and admission
+
+    async def health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> SandboxHealth:
+        return await self._call("GET", "/health", None, SandboxHealth, timeout_s)
+
+    async def admit(self) -> tuple[SandboxHealth, list[SlotState]]:
+        """Health and slots of a sandbox about to join the pool; refuses a protocol it
+        cannot drive with ``ProtocolMismatch``."""
+        health = await self.health()
+        if health.protocol_version < MIN_PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"sandbox at {self.url} speaks protocol {health.protocol_version} (version "
+                f"{health.version}); this executor needs {MIN_PROTOCOL_VERSION} or later "
+                "(batch streaming): run a sandbox image of the same release as the executor"
+            )
+        slots = await self._call("GET", "/slots", None, SlotsResponse, HEALTH_TIMEOUT_S)
+        return health, slots.slots
+
+    async def wait_until_healthy(
+        self, timeout_s: float, why_not: Callable[[], Awaitable[str | None]] | None = None
+    ) -> SandboxHealth:
+        """Poll ``/health`` until it answers 200. ``why_not`` may explain early that the
+        sandbox will never start (its process exited, Nomad cannot place it): that ends the
+        wait with its reason."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while True:
+            if why_not is not None and (reason := await why_not()):
+                raise SandboxUnavailable(f"sandbox at {self.url} will not start: {reason}")
+            try:
+                return await self.health()
+            except SandboxUnavailable as exc:
+                last = exc.message
+            if time.monotonic() >= deadline:
+                raise SandboxUnavailable(
+                    f"sandbox at {self.url} not healthy after {timeout_s:g}s (last: {last})"
+                )
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    # ---- slots
+
+    async def reset(self, slot_id: str) -> None:
+        """Kill every process of the slot and wipe its workspace."""
+        body = SlotRequest(slot_id=slot_id).model_dump_json().encode()
+        await self._call("POST", "/reset", body, ResetResponse, RESET_TIMEOUT_S)
+
+    async def stream_batch(self, items: list[BatchItem]) -> AsyncGenerator[StreamedResult]:
+        """Run a batch; yield each result as soon as its call finished (any order)."""
+        longest = max((item.timeout or 0.0) for item in items)
+        request = self._request(
+            "POST", "/batch/stream", BATCH.dump_json(items), longest + BATCH_GRACE_S
+        )
+        async with self.transport.send(request) as response:
+            if response.status != 200:
+                await self._checked(response)
+            async for line in response.lines():
+                if not line.strip():
+                    continue
+                yield self._parse(StreamedResult, line, "sent a malformed result line")
+
+    # ---- artifacts
+
+    async def read_artifact(self, request: SlotArtifactReadRequest) -> ArtifactReadResponse:
+        return await self._post("/artifacts/read", request, ArtifactReadResponse)
+
+    async def list_artifacts(self, request: SlotArtifactListRequest) -> ArtifactListResponse:
+        return await self._post("/artifacts/list", request, ArtifactListResponse)
+
+    async def archive_artifacts(
+        self, request: SlotArtifactArchiveRequest
+    ) -> ArtifactArchiveResponse:
+        return await self._post("/artifacts/archive", request, ArtifactArchiveResponse)
+
+    # ---- plumbing
+
+    def _request(self, method: str, path: str, body: bytes | None, timeout_s: float) -> Request:
+        return Request(method, self.url + path, body, self.headers, timeout_s)
+
+    async def _post(self, path: str, payload: BaseModel, answer: type[M]) -> M:
+        body = payload.model_dump_json().encode()
+        return await self._call("POST", path, body, answer, ARTIFACT_TIMEOUT_S)
+
+    async def _call(
+        self, method: str, path: str, body: bytes | None, answer: type[M], timeout_s: float
+    ) -> M:
+        async with self.transport.send(self._request(method, path, body, timeout_s)) as response:
+            data = await self._checked(response)
+        return self._parse(answer, data, f"answered {path} with an unexpected body")
+
+    def _parse(self, answer: type[M], data: bytes, what: str) -> M:
+        try:
+            return answer.model_validate_json(data)
+        except ValidationError as exc:
+            raise SandboxUnavailable(f"sandbox at {self.url} {what}: {short(exc)}") from exc
+
+    async def _checked(self, response: Response) -> bytes:
+        data = await response.read()
+        if response.status != 200:
+            raise SandboxUnavailable(
+                f"sandbox at {self.url} answered {response.status}: {error_text(data)}"
+            )
+        return data
+
+
+def error_text(body: bytes) -> str:
+    """The ``error`` of a JSON error answer, else the start of the body."""
+    try:
+        decoded = json.loads(body)
+        if isinstance(decoded, dict) and decoded.get("error"):
+            return str(decoded["error"])
+    except ValueError:
+        pass
+    return body.decode(errors="replace")[:300]
+
+
+def short(exc: ValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return str(exc)
+    where = ".".join(str(part) for part in errors[0]["loc"])
+    return f"{where or 'body'}: {errors[0]['msg']}"

@@ -1,0 +1,71 @@
+"""Frames on the pipe between the sandbox server and a slot agent, and the operations they name.
+
+A frame is a 4-byte big-endian length, then that many bytes of JSON. Both ends import this
+module: the agent (standard library only) and the server's ``sandbox/slot.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+FRAME_HEADER = struct.Struct(">I")
+# A request carries at most one file's content; anything larger is a broken peer.
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+# The ``op`` of a request. The agent's first frame (``{"ready": true, ...}``) has none.
+OP_TOOL = "tool"
+OP_SHUTDOWN = "shutdown"
+OP_ARTIFACT_READ = "artifact_read"
+OP_ARTIFACT_LIST = "artifact_list"
+OP_ARTIFACT_ARCHIVE = "artifact_archive"
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def body_length(header: bytes) -> int:
+    """The length a frame header announces; refuses one no honest peer would send."""
+    (length,) = FRAME_HEADER.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    return int(length)
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(body)
+    return message
+
+
+def read_exact(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from ``fd``; None when it ends first."""
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> dict[str, Any] | None:
+    """The next message on ``fd``; None when the peer closed the pipe."""
+    header = read_exact(fd, FRAME_HEADER.size)
+    if header is None:
+        return None
+    body = read_exact(fd, body_length(header))
+    return None if body is None else decode_body(body)
+
+
+def write_frame(fd: int, message: dict[str, Any]) -> None:
+    view = memoryview(encode_frame(message))
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,79 @@
+"""The agent's life: read the config, take on the limits, answer frames until told to stop.
+
+Started by the server as ``python -I -S <runtime dir> '<config json>'`` (``sandbox/runtime.py``
+lays the directory out; its ``__main__.py`` calls ``main()``). The agent's stdin and stdout are
+the pipe to the server; commands never see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .artifacts import ARTIFACTS
+from .config import AgentConfig, apply_limits
+from .framing import OP_SHUTDOWN, OP_TOOL, read_frame, write_frame
+from .processes import Runner
+from .results import ToolError, failure
+from .shell import StatefulShell
+from .tools import TOOLS
+from .workspace import Workspace
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class Agent:
+    """One slot's agent: its config, its workspace, how it runs commands, its stateful shell."""
+
+    def __init__(self, config: AgentConfig, child_exited_r: int = -1) -> None:
+        self.config = config
+        self.workspace = Workspace(config.root, config.scratch, config.disk_bytes)
+        self.runner = Runner(config, self.workspace, child_exited_r)
+        self.shell = StatefulShell(self.runner)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer to one request; a ``ToolError`` becomes a failure with its message."""
+        op = request.get("op")
+        try:
+            if op == OP_TOOL:
+                tool = TOOLS.get(request.get("tool", ""))
+                if tool is None:
+                    return failure(f"unknown tool {request.get('tool')!r}")
+                args = request.get("args") or {}
+                if not isinstance(args, dict):
+                    return failure("tool arguments must be a JSON object")
+                return tool(self, args, float(request.get("timeout", 30.0)))
+            artifact = ARTIFACTS.get(str(op))
+            if artifact is not None:
+                return artifact(self.workspace, self.config.max_file_bytes, request)
+            return failure(f"unknown agent operation {op!r}")
+        except ToolError as exc:
+            return failure(str(exc))
+        except Exception as exc:  # the agent must answer every request, whatever went wrong
+            return failure(f"internal error in the slot agent: {exc!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = AgentConfig(json.loads((argv or sys.argv)[1]))
+    # The pipe to the server moves to private descriptors; 0 and 1 become /dev/null so that
+    # nothing the agent starts can read or write it by accident.
+    channel_in, channel_out = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.chdir(config.root)
+    agent = Agent(config, apply_limits(config))
+    write_frame(channel_out, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
+    while True:
+        try:
+            request = read_frame(channel_in)
+        except ValueError as exc:
+            raise SystemExit(f"agent: {exc}") from None
+        if request is None or request.get("op") == OP_SHUTDOWN:
+            break
+        write_frame(channel_out, agent.handle(request))
+    # Whether asked to stop or abandoned by the server, leave no process of the slot behind.
+    agent.runner.kill_tree(os.getpid(), 0)

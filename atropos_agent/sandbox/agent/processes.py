@@ -1,0 +1,318 @@
+"""Running commands: spawn one, supervise it against the slot's limits, kill what it leaves.
+
+The agent is a child subreaper (``config.apply_limits``), so every process a command leaves
+behind (background children, double-forked daemons) is re-parented to the agent rather than
+escaping to the host's init. That is how a timeout kills *everything* a command started: its
+descendants, and the agent's children that started after it did.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+
+from .output import OutputCapture
+from .results import command_result, failure, limits_seen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from .config import AgentConfig
+    from .workspace import Workspace
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# How often a running command's disk use is measured against the slot's bound.
+DISK_POLL_S = 0.25
+# After a command exits, output still buffered in its pipe is read for at most this long
+# (a background child may hold the pipe open forever; it does not delay the result).
+DRAIN_LIMIT_BYTES = 4 * 1024 * 1024
+# The agent ignores or handles these; a command starts with the default dispositions.
+SIGNALS_RESET_IN_CHILD = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
+# pid -> (parent pid, start time in clock ticks since boot, state)
+ProcessTable = dict[int, tuple[int, int, str]]
+
+
+def boottime_ticks() -> int:
+    """Now, in the clock of /proc/PID/stat's start times."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS)
+
+
+def process_table() -> ProcessTable:
+    """Every live process this agent can see (zombies and dead ones left out)."""
+    table: ProcessTable = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: fields start after the last ")".
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        state = fields[0].decode()
+        if state in ("Z", "X"):
+            continue
+        table[int(name)] = (int(fields[1]), int(fields[19]), state)
+    return table
+
+
+def belongs(pid: int, table: ProcessTable, root_pid: int, since_ticks: int, me: int) -> bool:
+    """Whether ``pid`` descends from ``root_pid``, or from an orphan started since the command."""
+    node = pid
+    while node != root_pid:
+        parent = table[node][0] if node in table else None
+        if parent is None:
+            return False
+        if parent == me:
+            return table[node][1] >= since_ticks
+        node = parent
+    return True
+
+
+def drain(fd: int, capture: OutputCapture) -> None:
+    """Read what is already in a pipe, without waiting for writers that linger."""
+    os.set_blocking(fd, False)
+    drained = 0
+    try:
+        while drained < DRAIN_LIMIT_BYTES:
+            data = os.read(fd, 65536)
+            if not data:
+                return
+            drained += len(data)
+            capture.feed(data)
+    except BlockingIOError:
+        return
+    finally:
+        os.set_blocking(fd, True)
+
+
+class Outcome:
+    """How supervising a command ended: which limits it hit, and the stateful status line."""
+
+    def __init__(self, limit_hit: list[str], status_line: bytes) -> None:
+        self.limit_hit = limit_hit
+        self.status_line = status_line
+
+
+class Runner:
+    """Starts commands in the slot's environment and holds them to its limits."""
+
+    def __init__(self, config: AgentConfig, workspace: Workspace, child_exited_r: int) -> None:
+        self.config = config
+        self.workspace = workspace
+        # Readable when a child of the agent exited (SIGCHLD wake-up fd; -1: not watched).
+        self.child_exited_r = child_exited_r
+        # Long-lived children whose owner must learn when they are reaped (the stateful
+        # shell): pid -> what to call then.
+        self.watched: dict[int, Callable[[], None]] = {}
+
+    def spawn(
+        self, argv: list[str], stdin_fd: int, out_fd: int, extra: list[Any] | None = None
+    ) -> int:
+        """Start ``argv`` in a new session, stdout and stderr merged into ``out_fd``."""
+        actions: list[Any] = [
+            (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
+            (os.POSIX_SPAWN_DUP2, out_fd, 1),
+            (os.POSIX_SPAWN_DUP2, out_fd, 2),
+            *(extra or []),
+        ]
+        return os.posix_spawn(
+            argv[0],
+            argv,
+            self.config.env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=SIGNALS_RESET_IN_CHILD,
+        )
+
+    def run(
+        self, argv: list[str], timeout: float, stdin_data: bytes | None = None
+    ) -> dict[str, Any]:
+        """Run one command to its end (or its limit) and answer with its result."""
+        started = time.monotonic()
+        # Taken before the spawn: whatever starts from here on belongs to this command.
+        since = boottime_ticks()
+        out_r, out_w = os.pipe()
+        if stdin_data is None:
+            in_r, in_w = os.open(os.devnull, os.O_RDONLY), -1
+        else:
+            in_r, in_w = os.pipe()
+        try:
+            pid = self.spawn(argv, in_r, out_w)
+        except OSError as exc:
+            for fd in (out_r, out_w, in_r, in_w):
+                if fd >= 0:
+                    os.close(fd)
+            return failure(f"could not start {argv[0]}: {exc.strerror}", spawn_error=exc.errno)
+        os.close(out_w)
+        os.close(in_r)
+        capture = OutputCapture(self.config.max_output_bytes)
+        try:
+            outcome = self.supervise(pid, out_r, in_w, stdin_data or b"", capture, timeout, started)
+        finally:
+            os.close(out_r)
+        if outcome.limit_hit:
+            # The kill reaps the command too: its exit status is "killed", not a code.
+            killed = self.kill_tree(pid, since)
+            exit_code = None
+        else:
+            killed = 0
+            exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        self.reap()
+        return self.finish(capture, exit_code, outcome.limit_hit, killed, started)
+
+    def supervise(
+        self,
+        pid: int,
+        out_r: int,
+        in_w: int,
+        stdin_data: bytes,
+        capture: OutputCapture,
+        timeout: float,
+        started: float,
+        done_r: int = -1,
+    ) -> Outcome:
+        """Pump output until the command finishes, times out, or exceeds the disk bound.
+
+        A command has finished when its process exits, or, with ``done_r`` (the stateful
+        shell's status pipe), when a status line arrives there.
+        """
+        pidfd = os.pidfd_open(pid)
+        selector = selectors.DefaultSelector()
+        selector.register(out_r, selectors.EVENT_READ, "out")
+        selector.register(pidfd, selectors.EVENT_READ, "exit")
+        if self.child_exited_r >= 0:
+            selector.register(self.child_exited_r, selectors.EVENT_READ, "child")
+        if done_r >= 0:
+            selector.register(done_r, selectors.EVENT_READ, "done")
+        pending = memoryview(stdin_data)
+        if in_w >= 0:
+            # Fed as the pipe takes it: a command that never reads its stdin cannot block us.
+            os.set_blocking(in_w, False)
+            selector.register(in_w, selectors.EVENT_WRITE, "in")
+        deadline = started + timeout
+        next_disk_check = started + DISK_POLL_S
+        exited = finished = out_eof = False
+        limit_hit: list[str] = []
+        status_line = b""
+        try:
+            while not finished:
+                now = time.monotonic()
+                if now >= deadline:
+                    limit_hit.append("timeout")
+                    break
+                if now >= next_disk_check:
+                    next_disk_check = now + DISK_POLL_S
+                    if self.workspace.disk_usage() > self.workspace.disk_limit:
+                        limit_hit.append("disk")
+                        break
+                wait = min(deadline, next_disk_check) - now
+                for key, _ in selector.select(wait):
+                    if key.data == "out":
+                        data = os.read(out_r, 65536)
+                        if data:
+                            capture.feed(data)
+                        else:
+                            out_eof = True
+                            selector.unregister(out_r)
+                    elif key.data == "exit":
+                        exited = True
+                        selector.unregister(pidfd)
+                    elif key.data == "child":
+                        # Orphans that exited count against RLIMIT_NPROC until reaped.
+                        try:
+                            os.read(self.child_exited_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        self.reap(keep=pid)
+                    elif key.data == "done":
+                        chunk = os.read(done_r, 64)
+                        status_line += chunk
+                        if b"\n" in status_line or not chunk:
+                            finished = True
+                    elif key.data == "in":
+                        try:
+                            pending = pending[os.write(in_w, pending[:65536]) :]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            selector.unregister(in_w)
+                            os.close(in_w)
+                            in_w = -1
+                if exited:
+                    finished = True
+            if not out_eof:
+                drain(out_r, capture)
+        finally:
+            selector.close()
+            os.close(pidfd)
+            if in_w >= 0:
+                os.close(in_w)
+        return Outcome(limit_hit, status_line)
+
+    def finish(
+        self,
+        capture: OutputCapture,
+        exit_code: int | None,
+        limit_hit: list[str],
+        killed: int,
+        started: float,
+    ) -> dict[str, Any]:
+        """The result of a command that ended: its limits read, the disk bound enforced."""
+        limit_hit = limit_hit + limits_seen(capture, exit_code, killed, self.config)
+        if self.workspace.disk_usage() > self.workspace.disk_limit:
+            limit_hit.append("disk")
+            # A writer left running in the background would go on filling the disk: stop
+            # every process of the slot (the stateful shell restarts on its next call).
+            killed += self.kill_tree(os.getpid(), 0)
+        return command_result(capture, exit_code, limit_hit, killed, started, self.config)
+
+    def reap(self, keep: int = -1) -> None:
+        """Collect exit statuses of re-parented orphans so they do not linger as zombies.
+
+        ``keep`` is a running command's own process: its status is left for the caller, and
+        reaping stops when it is the next one to collect (the command is then ending anyway).
+        """
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == keep:
+                return
+            try:
+                os.waitpid(info.si_pid, 0)
+            except ChildProcessError:
+                pass
+            gone = self.watched.pop(info.si_pid, None)
+            if gone is not None:
+                gone()
+
+    def kill_tree(self, root_pid: int, since_ticks: int) -> int:
+        """SIGKILL ``root_pid``, its descendants, and every orphan started since ``since_ticks``.
+
+        Returns the number of processes killed. Repeats until nothing is left, so a process
+        that forks between two scans is caught by the next one.
+        """
+        me = os.getpid()
+        killed: set[int] = set()
+        for _ in range(200):
+            table = process_table()
+            victims = [p for p in table if p != me and belongs(p, table, root_pid, since_ticks, me)]
+            if not victims:
+                break
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            self.reap()
+            time.sleep(0.005)
+        self.reap()
+        return len(killed)

@@ -1,0 +1,103 @@
+"""What a call answers: the one failure shape, and a command's result read from how it ended.
+
+Every answer is ``{success, output, error, metadata}``. ``failure()`` is the only place a failed
+answer is built, here and in the server (``sandbox/slot.py``, ``sandbox/server.py``).
+
+Limits are rlimits, not cgroups (docs/sandbox.md), so a memory or process limit shows only in
+what the command reports: its exit status and output. The markers below are those reports.
+"""
+
+from __future__ import annotations
+
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .config import AgentConfig
+    from .output import OutputCapture
+
+MEMORY_MARKERS = (
+    b"memoryerror",
+    b"cannot allocate memory",
+    b"out of memory",
+    b"std::bad_alloc",
+    b"xmalloc: cannot allocate",
+)
+PROCESS_MARKERS = (
+    b"fork: retry",
+    b"fork: resource temporarily unavailable",
+    b"cannot fork",
+    b"can't fork",
+    b"blockingioerror: [errno 11] resource temporarily unavailable",
+)
+FILE_SIZE_MARKERS = (b"file too large", b"file size limit exceeded")
+MIB = 1024 * 1024
+
+
+class ToolError(Exception):
+    """A failure the caller can act on; becomes ``success: false`` with this message."""
+
+
+def failure(message: str, **metadata: Any) -> dict[str, Any]:
+    return {"success": False, "output": "", "error": message, "metadata": metadata}
+
+
+def limits_seen(
+    capture: OutputCapture, exit_code: int | None, killed: int, config: AgentConfig
+) -> list[str]:
+    """Limits a finished command shows it hit, from its output and how it ended."""
+    seen = ["output"] if capture.truncated else []
+    if exit_code not in (0, None) or killed:
+        lowered = capture.lowered()
+        if any(marker in lowered for marker in MEMORY_MARKERS):
+            seen.append("memory")
+        # A fork bomb's kill reaches about the whole process limit.
+        if killed >= config.max_processes - 2 or any(m in lowered for m in PROCESS_MARKERS):
+            seen.append("processes")
+        if any(marker in lowered for marker in FILE_SIZE_MARKERS):
+            seen.append("disk")
+    return seen
+
+
+def command_result(
+    capture: OutputCapture,
+    exit_code: int | None,
+    limit_hit: list[str],
+    killed: int,
+    started: float,
+    config: AgentConfig,
+) -> dict[str, Any]:
+    """The answer to a command; ``exit_code`` is None when it was killed for a limit."""
+    metadata: dict[str, Any] = {
+        "exit_code": exit_code,
+        "duration_ms": round((time.monotonic() - started) * 1000, 3),
+        "truncated": capture.truncated,
+        "output_bytes": capture.total,
+    }
+    if exit_code is not None and exit_code < 0:
+        # Killed by a signal: reported as a shell would ($? = 128 + signal).
+        metadata["signal"] = -exit_code
+        metadata["exit_code"] = 128 - exit_code
+    if killed:
+        metadata["killed_processes"] = killed
+    limit_hit = sorted(set(limit_hit))
+    if limit_hit:
+        metadata["limit_hit"] = limit_hit
+    error = ""
+    if "timeout" in limit_hit:
+        metadata["timed_out"] = True
+        error = f"command timed out after {metadata['duration_ms'] / 1000:.1f}s and was killed"
+    elif "disk" in limit_hit:
+        error = (
+            f"workspace disk limit of {config.disk_bytes // MIB} MiB exceeded; "
+            "every process of the slot was stopped; delete files to continue"
+        )
+    elif metadata["exit_code"] not in (0, None):
+        error = f"command exited with status {metadata['exit_code']}"
+    if "memory" in limit_hit:
+        error += f" (memory limit of {config.memory_bytes // MIB} MiB per command)"
+    if "processes" in limit_hit:
+        error += f" (process limit of {config.max_processes} per slot)"
+    return {"success": not error, "output": capture.text(), "error": error, "metadata": metadata}

@@ -1,0 +1,125 @@
+"""The path jail: tool paths mapped into the workspace, disk use, and bounded reads and writes.
+
+A tool path is relative to the workspace (``/workspace/...`` is accepted too). Any other
+absolute path, a ``..`` that leaves the workspace, and a symlink that leads out of it are
+refused; files are opened with ``O_NOFOLLOW`` so a symlink swapped in after the check is not
+followed either.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .results import ToolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+MIB = 1024 * 1024
+# The workspace's name inside a slot, as commands and callers see it.
+WORKSPACE_IN_SLOT = "/workspace"
+
+
+class Workspace:
+    """One slot's files: ``root`` (the workspace) and ``scratch`` (its /tmp), both real paths.
+
+    ``disk_limit`` bounds both together, in bytes of allocated blocks.
+    """
+
+    def __init__(self, root: str, scratch: list[str], disk_limit: int) -> None:
+        self.root = root
+        self.scratch = scratch
+        self.disk_limit = disk_limit
+
+    def resolve(self, path: Any, *, for_write: bool = False) -> str:
+        """Map a tool path to a real path inside the workspace, refusing every escape.
+
+        ``for_write`` creates the parent directories (and checks them again afterwards: one
+        of them may be a symlink created meanwhile).
+        """
+        if not isinstance(path, str) or not path:
+            raise ToolError("'path' must be a non-empty string")
+        if "\x00" in path:
+            raise ToolError("'path' must not contain NUL bytes")
+        if path == WORKSPACE_IN_SLOT or path.startswith(WORKSPACE_IN_SLOT + "/"):
+            path = path[len(WORKSPACE_IN_SLOT) :].lstrip("/") or "."
+        elif os.path.isabs(path):
+            raise ToolError(f"absolute path {path!r} is outside /workspace; use a relative path")
+        joined = os.path.normpath(os.path.join(self.root, path))
+        if not self.inside(joined):
+            raise ToolError(f"path {path!r} escapes the workspace")
+        real: str = os.path.realpath(joined)
+        if not self.inside(real):
+            raise ToolError(f"path {path!r} leads out of the workspace through a symlink")
+        if for_write:
+            parent = os.path.dirname(real)
+            os.makedirs(parent, exist_ok=True)
+            if not self.inside(os.path.realpath(parent)):
+                raise ToolError(f"path {path!r} leads out of the workspace through a symlink")
+        return real
+
+    def inside(self, path: str) -> bool:
+        return path == self.root or path.startswith(self.root + os.sep)
+
+    def relative(self, real: str) -> str:
+        """How a caller names ``real``: relative to the workspace."""
+        return os.path.relpath(real, self.root)
+
+    def disk_usage(self) -> int:
+        """Bytes allocated under the workspace and scratch (symlinks are not followed)."""
+        used = 0
+        stack = [self.root, *self.scratch]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(top) as entries:
+                    for entry in entries:
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        used += info.st_blocks * 512
+                        if stat.S_ISDIR(info.st_mode):
+                            stack.append(entry.path)
+            except OSError:
+                continue
+        return used
+
+    def read_bytes(self, real: str, limit: int) -> tuple[bytes, int, bool]:
+        """At most ``limit`` bytes of a regular file: (data, file size, truncated)."""
+        try:
+            # O_NONBLOCK: a FIFO planted in the workspace must not hang the agent on open.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise ToolError(f"no such file: {self.relative(real)}") from None
+        except OSError as exc:
+            raise ToolError(f"cannot open {self.relative(real)}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise ToolError(f"{self.relative(real)} is a directory")
+            if not stat.S_ISREG(info.st_mode):
+                raise ToolError(f"{self.relative(real)} is not a regular file")
+            data = handle.read(limit + 1)
+        return data[:limit], info.st_size, len(data) > limit
+
+    def write_bytes(self, real: str, data: bytes) -> None:
+        """Replace a file's content, refused when it would take the slot over its disk bound."""
+        if os.path.isdir(real):
+            raise ToolError(f"{self.relative(real)} is a directory")
+        used = self.disk_usage()
+        existing = os.lstat(real).st_size if os.path.lexists(real) else 0
+        if used - existing + len(data) > self.disk_limit:
+            raise ToolError(
+                f"writing {len(data)} bytes would exceed the workspace disk limit of "
+                f"{self.disk_limit // MIB} MiB; delete files to continue"
+            )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(real, flags, 0o644)
+        except OSError as exc:
+            raise ToolError(f"cannot write {self.relative(real)}: {exc.strerror}") from None
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)

@@ -1,0 +1,161 @@
+"""The sandbox server's HTTP face: thin routes over the ``Sandbox`` (``server.py``).
+
+Each route parses its body into a protocol model (``protocol.py``), hands it to the sandbox,
+and answers with a response model. Errors are ``AtroposError``s (unknown slot 404, unknown
+tool 400, slot queue full 503), answered by ``web.install_error_handlers``.
+
+Results of calls, the hot path, leave as JSON bytes that pydantic-core serialises from the
+models the sandbox built (``server.RESULTS``): FastAPI would otherwise validate them a second
+time and encode them twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from atropos_agent import __version__
+from atropos_agent.models import (
+    ArtifactArchiveResponse,
+    ArtifactListResponse,
+    ArtifactReadResponse,
+)
+from atropos_agent.sandbox.agent.framing import (
+    OP_ARTIFACT_ARCHIVE,
+    OP_ARTIFACT_LIST,
+    OP_ARTIFACT_READ,
+)
+from atropos_agent.sandbox.protocol import (
+    BatchItem,
+    BatchResult,
+    ResetResponse,
+    SandboxHealth,
+    SlotArtifactArchiveRequest,
+    SlotArtifactListRequest,
+    SlotArtifactReadRequest,
+    SlotRequest,
+    SlotsResponse,
+    StreamedResult,
+)
+from atropos_agent.sandbox.server import RESULT, RESULTS, Sandbox
+from atropos_agent.sandbox.settings import SandboxSettings
+from atropos_agent.web import BearerAuthMiddleware, BodyLimitMiddleware, install_error_handlers
+
+NDJSON = "application/x-ndjson"
+
+
+def sandbox_of(request: Request) -> Sandbox:
+    """The sandbox the app serves (``create_app`` puts it in ``app.state``).
+
+    Read here rather than injected with ``Depends``: resolving a dependency costs every request
+    some 15-20 µs (measured), and ``/batch`` is the hot path.
+    """
+    sandbox: Sandbox = request.app.state.sandbox
+    return sandbox
+
+
+router = APIRouter()
+
+
+def json_bytes(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+@router.get("/health", response_model=SandboxHealth)
+async def health(request: Request) -> SandboxHealth:
+    """Counts and modes only: open without a token, for orchestrators' checks."""
+    return sandbox_of(request).health()
+
+
+@router.get("/slots", response_model=SlotsResponse)
+async def slots(request: Request) -> SlotsResponse:
+    return sandbox_of(request).describe_slots()
+
+
+@router.post("/batch", response_model=list[BatchResult])
+async def batch(items: list[BatchItem], request: Request) -> Response:
+    """Protocol 1: every result, in the order of the items, once all are done."""
+    sandbox = sandbox_of(request)
+    sandbox.validate(items)
+    return json_bytes(RESULTS.dump_json(await sandbox.run_batch(items)))
+
+
+# One NDJSON line per item, as its call finishes; documented here since a stream has no
+# response model of its own.
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "one StreamedResult per line, in the order the calls finish",
+        "content": {NDJSON: {"schema": StreamedResult.model_json_schema(by_alias=True)}},
+    }
+}
+
+
+@router.post("/batch/stream", response_class=StreamingResponse, responses=STREAM_RESPONSES)
+async def batch_stream(items: list[BatchItem], request: Request) -> StreamingResponse:
+    """Protocol 2: each result as its own NDJSON line as soon as it is ready."""
+    sandbox = sandbox_of(request)
+    sandbox.validate(items)
+    return StreamingResponse(sandbox.stream_batch(items), media_type=NDJSON)
+
+
+@router.post("/execute", response_model=BatchResult)
+async def execute(item: BatchItem, request: Request) -> Response:
+    """Protocol 1: one item, answered with its result."""
+    sandbox = sandbox_of(request)
+    sandbox.validate([item])
+    return json_bytes(RESULT.dump_json((await sandbox.run_batch([item]))[0]))
+
+
+@router.post("/reset", response_model=ResetResponse)
+async def reset(body: SlotRequest, request: Request) -> ResetResponse:
+    """Wait for the slot's queued calls, kill its processes, wipe its files, start it anew."""
+    await sandbox_of(request).slot(body.slot_id).reset()
+    return ResetResponse(slot_id=body.slot_id)
+
+
+# Artifact answers take the artifact response shapes, failures included (success false + error).
+@router.post("/artifacts/read", response_model=ArtifactReadResponse)
+async def artifacts_read(body: SlotArtifactReadRequest, request: Request) -> ArtifactReadResponse:
+    answer = await sandbox_of(request).artifact(OP_ARTIFACT_READ, body)
+    return ArtifactReadResponse.model_validate(answer)
+
+
+@router.post("/artifacts/list", response_model=ArtifactListResponse)
+async def artifacts_list(body: SlotArtifactListRequest, request: Request) -> ArtifactListResponse:
+    answer = await sandbox_of(request).artifact(OP_ARTIFACT_LIST, body)
+    return ArtifactListResponse.model_validate(answer)
+
+
+@router.post("/artifacts/archive", response_model=ArtifactArchiveResponse)
+async def artifacts_archive(
+    body: SlotArtifactArchiveRequest, request: Request
+) -> ArtifactArchiveResponse:
+    answer = await sandbox_of(request).artifact(OP_ARTIFACT_ARCHIVE, body)
+    return ArtifactArchiveResponse.model_validate(answer)
+
+
+def create_app(settings: SandboxSettings | None = None) -> FastAPI:
+    """The sandbox server for ``settings``; its slots start with the app (lifespan)."""
+    settings = settings or SandboxSettings()
+    sandbox = Sandbox(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await sandbox.start()
+        try:
+            yield
+        finally:
+            await sandbox.stop()
+
+    app = FastAPI(title="atropos sandbox server", version=__version__, lifespan=lifespan)
+    app.state.sandbox = sandbox
+    install_error_handlers(app)
+    app.include_router(router)
+    token = settings.token.get_secret_value() if settings.token else None
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BearerAuthMiddleware, token=token, open_paths={"/health"})
+    return app

@@ -1,0 +1,256 @@
+"""The slot agent's pure pieces, without a server: frames, the path jail, output, results.
+
+Plus one start of the shipped runtime directory under ``python -I -S``, the way a slot starts it
+(without bubblewrap), to prove the package finds its own modules there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atropos_agent.sandbox.agent import framing
+from atropos_agent.sandbox.agent.artifacts import bounded
+from atropos_agent.sandbox.agent.config import AgentConfig
+from atropos_agent.sandbox.agent.output import OutputCapture
+from atropos_agent.sandbox.agent.results import ToolError, command_result, failure, limits_seen
+from atropos_agent.sandbox.agent.shell import shell_quote
+from atropos_agent.sandbox.agent.workspace import Workspace
+from atropos_agent.sandbox.runtime import install_runtime
+from atropos_agent.sandbox.settings import SandboxSettings
+
+MIB = 1024 * 1024
+
+
+def config_for(root: Path, **overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "root": str(root),
+        "scratch": [],
+        "shell": "/bin/sh",
+        "python": None,
+        "max_output_bytes": 100,
+        "max_file_bytes": 1000,
+        "disk_bytes": 10 * MIB,
+        "max_processes": 64,
+        "memory_bytes": 1024 * MIB,
+        "env": {"PATH": "/usr/bin:/bin", "HOME": str(root)},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    root = tmp_path / "workspace"
+    root.mkdir()
+    return Workspace(os.path.realpath(root), [], disk_limit=1 * MIB)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    for fd in (read_end, write_end):
+        with contextlib.suppress(OSError):  # closed by the test
+            os.close(fd)
+
+
+def test_frames_round_trip_through_a_pipe(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    messages: list[dict[str, Any]] = [
+        {"op": framing.OP_TOOL, "args": {"text": "héllo\n" * 3}},
+        {"ready": True},
+    ]
+    for message in messages:
+        framing.write_frame(write_end, message)
+    os.close(write_end)
+    assert [framing.read_frame(read_end), framing.read_frame(read_end)] == messages
+    assert framing.read_frame(read_end) is None  # the peer closed the pipe
+
+
+def test_frame_is_a_big_endian_length_then_compact_json() -> None:
+    frame = framing.encode_frame({"op": "shutdown"})
+    assert frame == b'\x00\x00\x00\x11{"op":"shutdown"}'
+    assert framing.body_length(frame[: framing.FRAME_HEADER.size]) == 17
+    assert framing.decode_body(frame[framing.FRAME_HEADER.size :]) == {"op": "shutdown"}
+
+
+def test_oversized_or_cut_frames_are_refused(pipe: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        framing.body_length(framing.FRAME_HEADER.pack(framing.MAX_FRAME_BYTES + 1))
+    read_end, write_end = pipe
+    os.write(write_end, framing.encode_frame({"op": "tool"})[:-3])
+    os.close(write_end)
+    assert framing.read_frame(read_end) is None  # cut short: the peer is gone
+
+
+# --------------------------------------------------------------------------- the path jail
+
+
+def test_resolve_maps_relative_and_workspace_paths(workspace: Workspace) -> None:
+    root = workspace.root
+    assert workspace.resolve("a/b.txt") == os.path.join(root, "a", "b.txt")
+    assert workspace.resolve("/workspace/a/b.txt") == os.path.join(root, "a", "b.txt")
+    assert workspace.resolve("/workspace") == root
+    assert workspace.resolve("a/../b") == os.path.join(root, "b")
+    assert workspace.relative(workspace.resolve("/workspace/x/y")) == "x/y"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("../outside", "escapes the workspace"),
+        ("a/../../outside", "escapes the workspace"),
+        ("/etc/passwd", "outside /workspace"),
+        ("/workspacex/file", "outside /workspace"),
+        ("", "non-empty string"),
+        (None, "non-empty string"),
+        (7, "non-empty string"),
+        ("nul\x00byte", "NUL"),
+    ],
+)
+def test_resolve_refuses_escapes(workspace: Workspace, path: Any, reason: str) -> None:
+    with pytest.raises(ToolError, match=reason):
+        workspace.resolve(path)
+
+
+def test_resolve_refuses_symlinks_that_lead_out(workspace: Workspace, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = Path(workspace.root)
+    (root / "out").symlink_to(outside)
+    (root / "passwd").symlink_to("/etc/passwd")
+    (root / "inner").symlink_to("sub")
+    for path in ("out", "out/file", "passwd"):
+        with pytest.raises(ToolError, match="through a symlink"):
+            workspace.resolve(path)
+    with pytest.raises(ToolError, match="through a symlink"):
+        workspace.resolve("out/new/file", for_write=True)
+    assert not (outside / "new").exists()  # refused before any directory was made out there
+    # A symlink that stays inside is followed.
+    assert workspace.resolve("inner/file") == str(root / "sub" / "file")
+
+
+def test_resolve_for_write_creates_parents(workspace: Workspace) -> None:
+    real = workspace.resolve("deep/er/file.txt", for_write=True)
+    assert os.path.isdir(os.path.dirname(real))
+
+
+def test_bounded_reads_and_disk_checked_writes(workspace: Workspace) -> None:
+    real = workspace.resolve("data.bin", for_write=True)
+    workspace.write_bytes(real, b"x" * 5000)
+    assert workspace.read_bytes(real, 100) == (b"x" * 100, 5000, True)
+    assert workspace.read_bytes(real, 5000) == (b"x" * 5000, 5000, False)
+    with pytest.raises(ToolError, match="disk limit of 1 MiB"):
+        workspace.write_bytes(workspace.resolve("big"), b"y" * (2 * MIB))
+    os.mkfifo(os.path.join(workspace.root, "fifo"))
+    with pytest.raises(ToolError, match="not a regular file"):  # and no hang on open
+        workspace.read_bytes(workspace.resolve("fifo"), 10)
+    with pytest.raises(ToolError, match="no such file: missing"):
+        workspace.read_bytes(workspace.resolve("missing"), 10)
+    assert workspace.disk_usage() >= 5000
+
+
+# --------------------------------------------------------------------------- output and results
+
+
+def test_output_capture_keeps_head_and_tail() -> None:
+    capture = OutputCapture(10)
+    for chunk in (b"01234", b"56789", b"abcdefghij" * 10, b"XYZ!?"):
+        capture.feed(chunk)
+    assert capture.truncated and capture.total == 115
+    assert capture.text() == "01234\n[... 105 bytes of output omitted ...]\nXYZ!?"
+    small = OutputCapture(10)
+    small.feed(b"Hello")
+    small.feed(b"World")
+    assert not small.truncated and small.text() == "HelloWorld"
+    assert small.lowered() == b"helloworld"
+
+
+def test_command_result_reads_limits_from_how_a_command_ended(tmp_path: Path) -> None:
+    config = AgentConfig(config_for(tmp_path))
+    capture = OutputCapture(100)
+    capture.feed(b"Traceback...\nMemoryError\n")
+    seen = limits_seen(capture, 1, 0, config)
+    assert seen == ["memory"]
+    result = command_result(capture, 1, seen, 0, 0.0, config)
+    assert not result["success"]
+    assert result["error"] == "command exited with status 1 (memory limit of 1024 MiB per command)"
+    assert result["metadata"]["limit_hit"] == ["memory"]
+
+    quiet = OutputCapture(100)
+    assert limits_seen(quiet, 0, 0, config) == []  # markers only count when a command failed
+    killed = command_result(quiet, -9, [], 0, 0.0, config)
+    assert killed["metadata"]["signal"] == 9 and killed["metadata"]["exit_code"] == 137
+    timed_out = command_result(quiet, None, ["timeout"], 3, 0.0, config)
+    assert timed_out["metadata"]["timed_out"] is True
+    assert timed_out["metadata"]["killed_processes"] == 3
+    assert timed_out["error"].startswith("command timed out after")
+
+
+def test_failure_is_the_one_failed_answer() -> None:
+    assert failure("no", slot_lost=True) == {
+        "success": False,
+        "output": "",
+        "error": "no",
+        "metadata": {"slot_lost": True},
+    }
+
+
+def test_bounded_and_shell_quote() -> None:
+    assert bounded(None, 50, "max_bytes") == 50
+    assert bounded(500, 50, "max_bytes") == 50
+    for bad in (-1, True, "3", 1.5):
+        with pytest.raises(ToolError, match="'max_bytes' must be a non-negative integer"):
+            bounded(bad, 50, "max_bytes")
+    text = 'it\'s $HOME `x` "q"\n\\'
+    echoed = subprocess.run(
+        ["/bin/sh", "-c", f"printf %s {shell_quote(text)}"], capture_output=True, check=True
+    )
+    assert echoed.stdout.decode() == text
+
+
+# --------------------------------------------------------------------------- the shipped runtime
+
+
+def test_runtime_directory_runs_under_isolated_python(tmp_path: Path) -> None:
+    """``python -I -S <runtime>``: the entry finds the package, answers a call, stops."""
+    python = SandboxSettings().slot_python()
+    runtime = tmp_path / "runtime"
+    install_runtime(runtime, python)
+    assert (runtime / "agent" / "__pycache__").is_dir()  # compiled once, for every slot
+    root = tmp_path / "workspace"
+    root.mkdir()
+    agent = subprocess.Popen(
+        [python, "-I", "-S", str(runtime), json.dumps(config_for(root))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd="/",
+        env={},
+    )
+    assert agent.stdin is not None and agent.stdout is not None
+    try:
+        ready = framing.read_frame(agent.stdout.fileno())
+        assert ready is not None and ready["ready"] is True
+        request = {"op": framing.OP_TOOL, "tool": "terminal", "args": {"command": "echo hi"}}
+        for message in (request, {"op": "ping"}, {"op": framing.OP_SHUTDOWN}):
+            agent.stdin.write(framing.encode_frame(message))
+        agent.stdin.flush()
+        answer = framing.read_frame(agent.stdout.fileno())
+        assert answer is not None and answer["output"] == "hi\n" and answer["success"]
+        unknown = framing.read_frame(agent.stdout.fileno())
+        assert unknown == failure("unknown agent operation 'ping'")
+        assert agent.wait(timeout=10) == 0
+    finally:
+        agent.kill()
+        agent.wait()

@@ -1,0 +1,88 @@
+"""SandboxClient through the transport seam: admission, errors, waiting for a start."""
+
+from __future__ import annotations
+
+import pytest
+
+from atropos_agent.errors import ProtocolMismatch, SandboxUnavailable
+from atropos_agent.executor.sandbox_client import SandboxClient
+from atropos_agent.executor.transport import MockResponse, MockTransport, Request
+from atropos_agent.sandbox.protocol import SlotArtifactReadRequest
+from tests.unit.fakes import TOKEN, FakeCluster, run
+
+
+def test_admit_reads_health_and_slots_with_the_token() -> None:
+    cluster = FakeCluster()
+    sandbox = cluster.add("http://sandbox-0", slots=3, instance_id="abc")
+    sandbox.calls["slot_1"] = 4
+    health, slots = run(SandboxClient(sandbox.url, cluster.transport, TOKEN).admit())
+    assert health.instance_id == "abc" and health.protocol_version == 2
+    assert [(s.slot_id, s.calls) for s in slots] == [("slot_0", 0), ("slot_1", 4), ("slot_2", 0)]
+
+
+def test_admit_refuses_a_sandbox_of_an_older_protocol_saying_what_to_do() -> None:
+    cluster = FakeCluster()
+    sandbox = cluster.add("http://old", protocol_version=1)
+    with pytest.raises(ProtocolMismatch, match=r"speaks protocol 1.*needs 2.*same release"):
+        run(SandboxClient(sandbox.url, cluster.transport).admit())
+
+
+def test_a_health_answer_without_a_protocol_version_is_protocol_1() -> None:
+    async def answer(request: Request) -> MockResponse:
+        return MockResponse(
+            200,
+            b'{"status": "ok", "slots": 4, "busy_slots": 0, '
+            b'"isolation": "bwrap", "network": true, "version": "old"}',
+        )
+
+    with pytest.raises(ProtocolMismatch, match="protocol 1"):
+        run(SandboxClient("http://older", MockTransport(answer)).admit())
+
+
+def test_an_unexpected_body_is_reported_as_the_sandbox_s_fault() -> None:
+    async def answer(request: Request) -> MockResponse:
+        return MockResponse(200, b'{"slots": "many"}')
+
+    with pytest.raises(SandboxUnavailable, match="http://odd answered /health"):
+        run(SandboxClient("http://odd", MockTransport(answer)).health())
+
+
+def test_an_error_answer_carries_the_sandbox_s_own_message() -> None:
+    async def answer(request: Request) -> MockResponse:
+        return MockResponse(404, b'{"error": "unknown slot \'slot_9\'"}')
+
+    client = SandboxClient("http://s", MockTransport(answer))
+    with pytest.raises(SandboxUnavailable, match="answered 404: unknown slot 'slot_9'"):
+        run(client.read_artifact(SlotArtifactReadRequest(slot_id="slot_9", path="a")))
+
+
+def test_reset_posts_the_slot_and_fails_clearly_when_the_sandbox_cannot() -> None:
+    cluster = FakeCluster()
+    sandbox = cluster.add("http://sandbox-0")
+    client = SandboxClient(sandbox.url, cluster.transport, TOKEN)
+    run(client.reset("slot_1"))
+    assert sandbox.resets == ["slot_1"]
+    sandbox.failing_resets.add("slot_0")
+    with pytest.raises(SandboxUnavailable, match="answered 500: reset failed"):
+        run(client.reset("slot_0"))
+
+
+def test_wait_until_healthy_ends_early_with_the_reason_it_will_never_start() -> None:
+    async def nobody(request: Request) -> MockResponse:
+        raise SandboxUnavailable("connection refused")
+
+    async def exited() -> str | None:
+        return "it exited with status 3"
+
+    client = SandboxClient("http://dead", MockTransport(nobody))
+    with pytest.raises(SandboxUnavailable, match="will not start: it exited with status 3"):
+        run(client.wait_until_healthy(30.0, exited))
+
+
+def test_wait_until_healthy_gives_up_after_its_timeout_with_the_last_error() -> None:
+    async def nobody(request: Request) -> MockResponse:
+        raise SandboxUnavailable("connection refused")
+
+    client = SandboxClient("http://dead", MockTransport(nobody))
+    with pytest.raises(SandboxUnavailable, match=r"not healthy after 0.2s \(last: connection"):
+        run(client.wait_until_healthy(0.2))
