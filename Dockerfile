@@ -18,13 +18,14 @@ COPY pyproject.toml README.md ./
 COPY atropos_agent ./atropos_agent
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
-# The sandbox server. bubblewrap isolates each slot; procps gives ps for inspecting slots.
+# The sandbox server. bubblewrap isolates each slot; procps gives ps for inspecting slots;
+# tmux backs the `tmux` tool (interactive terminals).
 # Slots run /usr/local/bin/python3 of this image (the slot agent and the `python` tool).
 # It runs as root on purpose: the server gives slot N its own unprivileged host uid
 # (ATROPOS_SANDBOX_SLOT_UID_BASE + N), which only root can do. Commands never run as root.
 FROM base AS sandbox
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap procps \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap procps tmux \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels

@@ -17,15 +17,38 @@ GRACEFUL_SHUTDOWN_S = 15
 
 
 def serve(argv: list[str]) -> None:
+    fields = ExecutorSettings.model_fields
     parser = argparse.ArgumentParser(
         prog="atropos-tool-executor serve",
         description="Run the executor service. Settings come from TOOL_EXECUTOR_* variables "
-        "and a .env file (see docs/configuration.md); these flags override a few.",
+        "and a .env file (see docs/configuration.md); these flags override a few. A flag "
+        "left out takes its variable, else the default shown.",
     )
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--backend", choices=["local", "nomad"], default=None)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--host",
+        default=None,
+        help=f"address to listen on (TOOL_EXECUTOR_HOST; default {fields['host'].default})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"port to listen on (TOOL_EXECUTOR_PORT; default {fields['port'].default})",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["local", "nomad"],
+        default=None,
+        help="where sandboxes run: local child processes on this machine, or Nomad jobs "
+        f"(TOOL_EXECUTOR_BACKEND; default {fields['backend'].default})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="least severe log level printed (default info)",
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
     logging.basicConfig(

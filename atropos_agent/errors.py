@@ -11,8 +11,7 @@ Both servers turn any ``AtroposError`` into ``{"error": message}`` with that sta
     │   ├── UnknownTrajectory       404: the trajectory holds no lease
     │   ├── TrajectoryBusy          409: a release waited too long for a running call
     │   ├── NoFreeSlot              503: no slot became free within the acquire timeout
-    │   ├── UnknownSlot             404: the sandbox has no such slot
-    │   ├── InvalidBatch            400: a batch item names no tool the sandbox has
+    │   ├── UnknownSlot             404: the sandbox has no such slot (/reset, /artifacts/*)
     │   └── SlotBusy                503: too many calls already wait for one slot
     ├── Unavailable             a part the service depends on failed
     │   ├── BackendError            503: sandboxes cannot be started, found or stopped
@@ -83,12 +82,6 @@ class UnknownSlot(RequestRefused):
     """A sandbox request named a slot the sandbox does not have."""
 
     status_code = 404
-
-
-class InvalidBatch(RequestRefused):
-    """A batch item names a tool the sandbox does not have."""
-
-    status_code = 400
 
 
 class SlotBusy(RequestRefused):

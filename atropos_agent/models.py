@@ -52,7 +52,9 @@ class ArtifactReadResponse(BaseModel):
     file_size: int | None = None
     path: str = ""
     mime: str | None = None
+    # The hash of the bytes returned (the old service's); new: the whole file's beside it.
     sha256: str | None = None
+    file_sha256: str | None = None
 
 
 class ArtifactEntry(BaseModel):
@@ -77,6 +79,8 @@ class ArtifactArchiveResponse(BaseModel):
     format: Literal["tar.gz"] = "tar.gz"
     bytes: int = 0
     entry_count: int = 0
+    # New: more files than max_entries; the archive holds the first ones.
+    truncated: bool = False
 
 
 class ArtifactReadFields(BaseModel):

@@ -49,7 +49,7 @@ async def executor_round(client: JsonClient, trajectories: int, calls: int, tag:
         }
         for _ in range(calls):
             result = await client.post("/execute", body)
-            assert result["success"] and result["output"] == "hi\n", result
+            assert result["success"] and result["output"].strip() == "hi", result
 
     started = time.perf_counter()
     await asyncio.gather(*(trajectory(n) for n in range(trajectories)))
@@ -83,7 +83,7 @@ async def direct_round(
         }
         for _ in range(calls):
             result = await client.post("/execute", item)
-            assert result["success"] and result["output"] == "hi\n", result
+            assert result["success"] and result["output"].strip() == "hi", result
 
     started = time.perf_counter()
     await asyncio.gather(*(trajectory(n) for n in range(trajectories)))

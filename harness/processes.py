@@ -1,4 +1,5 @@
-"""What runs on this host: to check that nothing a server started outlived it."""
+"""What runs on this host: to check that nothing a server started outlived it, and what a
+command in a slot can reach."""
 
 from __future__ import annotations
 
@@ -20,3 +21,17 @@ def host_processes_matching(text: str) -> list[str]:
         if text in cmdline:
             found.append(cmdline)
     return found
+
+
+# Python for a slot's `python` tool: tries 127.0.0.1:{port} and prints "connected" or
+# "refused <reason>" (what a slot's network namespace lets it reach).
+CONNECT_PROBE = (
+    "import socket\n"
+    "s = socket.socket()\n"
+    "s.settimeout(3)\n"
+    "try:\n"
+    "    s.connect(('127.0.0.1', {port}))\n"
+    "    print('connected')\n"
+    "except OSError as exc:\n"
+    "    print('refused', exc)\n"
+)

@@ -5,7 +5,7 @@ since slots run as uids of their own), on a free port, with none of this shell's
 it. ``stop()`` ends the process and removes the directory; the log stays readable.
 
     server = start_sandbox(slots=2)          # returns once GET /health answers 200
-    server.sh("slot_0", "echo hi")["output"]  # "hi\\n"
+    server.sh("slot_0", "echo hi")["output"]  # "hi"
     server.stop()
 
     executor = start_executor(env={"TOOL_EXECUTOR_SLOTS": "2"}, backend="nomad")

@@ -165,6 +165,7 @@ job "atropos-sandbox-tool-executor" {
         ATROPOS_SANDBOX_MAX_REQUEST_BYTES = "33554432"
         ATROPOS_SANDBOX_ISOLATION         = "bwrap"
         ATROPOS_SANDBOX_SLOT_UID_BASE     = "200000"
+        ATROPOS_SANDBOX_TERMINAL_OUTPUT   = "split"
       }
 
       # The shared token every sandbox requires from the executor. It lives in a Nomad Variable

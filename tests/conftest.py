@@ -1,17 +1,40 @@
 """Fixtures that start real servers on loopback (real bubblewrap, real slot agents).
 
 How they start, and what the servers offer, is ``harness.servers``; every server is stopped
-and its directory removed when its fixture ends.
+and its directory removed when its fixture ends. A run leaves nothing in the temporary
+directory: ``tmp_path`` directories live under a directory of the run's own, removed at its end
+(unless ``--basetemp`` names one to keep).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from harness.servers import ExecutorServer, SandboxServer, start_executor, start_sandbox
+
+# The base directory of ``tmp_path`` this run made, to remove when it ends.
+OWN_BASETEMP = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Put ``tmp_path`` directories under a new directory of this run's own (instead of
+    pytest's default, which keeps the last three runs' under ``/tmp/pytest-of-<user>``)."""
+    if config.option.basetemp is None:
+        config.option.basetemp = config.stash[OWN_BASETEMP] = tempfile.mkdtemp(
+            prefix="atropos-pytest-"
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    basetemp = config.stash.get(OWN_BASETEMP, None)
+    if basetemp is not None:
+        shutil.rmtree(basetemp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ def test_async_client_round_trip(executor: ExecutorServer) -> None:
                     for n in range(3)
                 )
             )
-            assert [r.output for r in results] == ["0\n", "1\n", "2\n"]
+            assert [r.output for r in results] == ["0", "1", "2"]
             written = await client.execute(
                 "async-0", "write_file", {"path": "n.txt", "content": "hi"}
             )

@@ -73,7 +73,7 @@ def test_acquire_times_out_when_all_slots_are_leased(small: ExecutorServer) -> N
         assert response.status_code == 200 and response.json()["status"] == "ok"
         third = small.sh("full-c", "ls -A /workspace; echo c")
         assert third["success"], third
-        assert third["output"] == "c\n", "the released slot was handed over before its reset"
+        assert third["output"] == "c", "the released slot was handed over before its reset"
         assert third["metadata"]["slot_id"] == first["metadata"]["slot_id"]
     finally:
         release(small, "full-a", "full-b", "full-c")
@@ -92,7 +92,7 @@ def test_release_with_reset_workspace(small: ExecutorServer) -> None:
         # The reset is done when the answer comes: the slot is already free again.
         assert small.status()["pool"]["free_slots"] == 1
         after = small.sh("reset-b", "ls -A /workspace; echo fresh")
-        assert after["success"] and after["output"] == "fresh\n", after
+        assert after["success"] and after["output"] == "fresh", after
         assert after["metadata"]["slot_id"] == leased["metadata"]["slot_id"]
     finally:
         release(small, "reset-holder", "reset-a", "reset-b")
@@ -132,7 +132,7 @@ def test_full_queue_answers_503(small: ExecutorServer) -> None:
                 assert "limit 2" in response.json()["error"]
             else:
                 assert response.json()["success"] is True
-                assert response.json()["output"] == "slow\n"
+                assert response.json()["output"] == "slow"
 
         # A batch bigger than the bound is refused whole.
         calls = [
@@ -149,10 +149,10 @@ def test_full_queue_answers_503(small: ExecutorServer) -> None:
         refused = [name for name, r in responses.items() if r.status_code == 503]
         for name in admitted:
             later = small.sh(name, "cat /dev/null; echo later")
-            assert later["success"] and later["output"] == "later\n", later
+            assert later["success"] and later["output"] == "later", later
         release(small, *admitted)
         retry = small.sh(refused[0], "echo retried")
-        assert retry["success"] and retry["output"] == "retried\n", retry
+        assert retry["success"] and retry["output"] == "retried", retry
     finally:
         release(small, *names)
 
@@ -193,7 +193,7 @@ def test_killed_sandbox_is_replaced_and_its_trajectories_told(small: ExecutorSer
         )
         assert old_sandbox not in sandbox_ids(small)
         newcomer = small.sh("lost-b", "ls -A /workspace; echo new")
-        assert newcomer["success"] and newcomer["output"] == "new\n", newcomer
+        assert newcomer["success"] and newcomer["output"] == "new", newcomer
         new_sandbox = newcomer["metadata"]["sandbox_id"]
         assert new_sandbox != old_sandbox
         assert small.client.get("/health").json()["status"] == "ok"
@@ -201,7 +201,7 @@ def test_killed_sandbox_is_replaced_and_its_trajectories_told(small: ExecutorSer
         response = small.client.post("/release", json={"trajectory_id": "lost-a"})
         assert response.status_code == 200 and response.json()["status"] == "ok"
         fresh = small.sh("lost-a", "ls -A /workspace; echo back")
-        assert fresh["success"] and fresh["output"] == "back\n", fresh
+        assert fresh["success"] and fresh["output"] == "back", fresh
         assert fresh["metadata"]["sandbox_id"] == new_sandbox
     finally:
         release(small, "lost-a", "lost-b")
@@ -261,7 +261,7 @@ def test_idle_lease_expires(executor_factory: Factory) -> None:
 
     # The slot was reset: a new trajectory gets it, empty.
     newcomer = server.sh("idle-new", "ls -A /workspace; echo new")
-    assert newcomer["success"] and newcomer["output"] == "new\n", newcomer
+    assert newcomer["success"] and newcomer["output"] == "new", newcomer
     assert newcomer["metadata"]["slot_id"] == first["metadata"]["slot_id"]
     assert newcomer["metadata"]["sandbox_id"] == first["metadata"]["sandbox_id"]
     release(server, "idle-new")
@@ -269,4 +269,4 @@ def test_idle_lease_expires(executor_factory: Factory) -> None:
     response = server.client.post("/release", json={"trajectory_id": "idle"})
     assert response.status_code == 200 and response.json()["status"] == "ok"
     fresh = server.sh("idle", "ls -A /workspace; echo fresh")
-    assert fresh["success"] and fresh["output"] == "fresh\n", fresh
+    assert fresh["success"] and fresh["output"] == "fresh", fresh

@@ -75,7 +75,7 @@ def test_execute_batch_runs_calls_of_one_trajectory_in_request_order(
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert [r["uniq_id"] for r in results] == [f"call-{i}" for i in range(20)]
-        assert [r["output"] for r in results] == [f"{i}\n" for i in range(20)]
+        assert [r["output"] for r in results] == [f"{i}" for i in range(20)]
         assert all(r["success"] for r in results), results
         content = executor.sh(trajectory, "cat order.txt")
         assert content["output"].split() == [str(i) for i in range(20)]
@@ -100,7 +100,7 @@ def test_concurrent_calls_of_one_trajectory_run_in_submission_order(
         for i, call in enumerate(calls):
             result = call.result()
             assert result["success"], result
-            assert result["output"] == f"{i}\n"
+            assert result["output"] == f"{i}"
         content = executor.sh(trajectory, "cat order.txt")
         assert content["output"].split() == ["B", "0", "1", "2", "3", "4"]
     finally:
@@ -118,11 +118,11 @@ def test_a_sleeping_trajectory_does_not_delay_another(executor: ExecutorServer) 
         started = time.monotonic()
         quick = executor.sh(other, "echo quick")
         elapsed = time.monotonic() - started
-        assert quick["success"] and quick["output"] == "quick\n", quick
+        assert quick["success"] and quick["output"] == "quick", quick
         assert elapsed < 1.0, f"echo took {elapsed:.2f}s while another trajectory slept"
         assert slow.finished_at is None, "the sleep should still be running"
         slept = slow.result()
-        assert slept["success"] and slept["output"] == "slept\n", slept
+        assert slept["success"] and slept["output"] == "slept", slept
         # Both ran on the same sandbox, so it is not the pool that kept them apart.
         assert slept["metadata"]["sandbox_id"] == quick["metadata"]["sandbox_id"]
         assert slept["metadata"]["slot_id"] != quick["metadata"]["slot_id"]
@@ -169,7 +169,7 @@ def test_calls_batched_together_are_answered_as_each_finishes(executor: Executor
         assert response.status_code == 200, response.text
         slept, quick = response.json()["results"]
         assert slept["success"] and quick["success"], (slept, quick)
-        assert quick["output"] == stamp["content"]
+        assert quick["output"] == stamp["content"].strip()
         # Inside the sandbox, the quick command ran at once, not after the sleep.
         assert float(quick["output"]) - submitted_wall < 1.0
         assert float(slept["output"]) - float(quick["output"]) > 4.0
@@ -209,10 +209,10 @@ def test_release_waits_for_the_running_call(executor: ExecutorServer) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "ok"
     result = call.result()
-    assert result["success"] and result["output"] == "ok\n", result
+    assert result["success"] and result["output"] == "ok", result
     assert waited > 1.0, f"release returned after {waited:.2f}s, before the call ended"
     fresh = after.result()
-    assert fresh["success"] and fresh["output"] == "after\n", fresh
+    assert fresh["success"] and fresh["output"] == "after", fresh
 
     # That new lease is a lease like any other: listed, released, its slot given back.
     info = trajectory_info(executor, trajectory)
@@ -246,7 +246,7 @@ def test_concurrent_trajectories_see_only_their_own_workspace(
     first = [call.result() for call in writes]
     for name, result in zip(names, first, strict=True):
         assert result["success"], result
-        assert result["output"] == f"{name}.txt\n", (name, result)
+        assert result["output"] == f"{name}.txt", (name, result)
     places = {(r["metadata"]["sandbox_id"], r["metadata"]["slot_id"]) for r in first}
     assert len(places) == len(names), "two trajectories shared a slot"
     assert len({sandbox for sandbox, _ in places}) >= 3
@@ -256,7 +256,7 @@ def test_concurrent_trajectories_see_only_their_own_workspace(
     for name, call, before in zip(names, reads, first, strict=True):
         result = call.result()
         assert result["success"], result
-        assert result["output"] == f"{name}\n{name}.txt\n", (name, result)
+        assert result["output"] == f"{name}\n{name}.txt", (name, result)
         assert result["metadata"]["slot_id"] == before["metadata"]["slot_id"]
         assert result["metadata"]["sandbox_id"] == before["metadata"]["sandbox_id"]
     release(server, *names)
@@ -286,7 +286,7 @@ def test_pool_grows_under_load_and_shrinks_around_held_leases(
     results = {name: call.result() for name, call in zip(names, calls, strict=True)}
     for name, result in results.items():
         assert result["success"], result
-        assert result["output"] == f"{name}\n"
+        assert result["output"] == f"{name}"
     ids = sandbox_ids(server)
     assert len(ids) == 3
     children = server.status()["pool"]["backend"]["children"]
@@ -308,7 +308,7 @@ def test_pool_grows_under_load_and_shrinks_around_held_leases(
     assert sandbox_ids(server) == ids[:2]
     for name, sandbox in ((keep_low, ids[0]), (keep_mid, ids[1])):
         result = server.sh(name, "cat mine.txt")
-        assert result["success"] and result["output"] == f"{name}\n", result
+        assert result["success"] and result["output"] == f"{name}", result
         assert result["metadata"]["sandbox_id"] == sandbox
 
     release(server, keep_mid)
@@ -317,7 +317,7 @@ def test_pool_grows_under_load_and_shrinks_around_held_leases(
     assert not pid_alive(pids[ids[1]])
     assert [c["sandbox_id"] for c in server.status()["pool"]["backend"]["children"]] == ids[:1]
     result = server.sh(keep_low, "cat mine.txt")
-    assert result["success"] and result["output"] == f"{keep_low}\n", result
+    assert result["success"] and result["output"] == f"{keep_low}", result
     assert result["metadata"]["sandbox_id"] == ids[0]
     release(server, keep_low)
 
@@ -330,5 +330,5 @@ def test_forty_second_command_succeeds_with_long_timeout(long_call: Background) 
     assert result["success"], result
     assert long_call.finished_at is not None
     assert long_call.finished_at - long_call.started_at >= 40
-    assert result["output"] == "done\n"
+    assert result["output"] == "done"
     assert result["metadata"]["duration_ms"] >= 40_000

@@ -116,7 +116,7 @@ def test_old_trainer_execute_and_release(executor: ExecutorServer) -> None:
     result = response.json()
     assert set(result) >= {"success", "output", "error", "metadata", "uniq_id"}
     assert result["success"] is True
-    assert result["output"] == "hello\n"
+    assert result["output"] == "hello"
     assert result["error"] == ""
     assert isinstance(result["metadata"], dict)
     assert result["uniq_id"] == "call-0001"
@@ -127,7 +127,7 @@ def test_old_trainer_execute_and_release(executor: ExecutorServer) -> None:
         "tool": {"name": "terminal", "arguments": {"command": "pwd"}},
     }
     first, second = (raw_post(executor, "/execute", body).json() for _ in range(2))
-    assert first["success"] and first["output"] == "/workspace\n", first
+    assert first["success"] and first["output"] == "/workspace", first
     assert isinstance(first["uniq_id"], str) and first["uniq_id"]
     assert first["uniq_id"] != second["uniq_id"]
 
@@ -178,7 +178,7 @@ def test_old_trainer_artifacts(executor: ExecutorServer) -> None:
     read = raw_post(
         executor, "/artifacts/read", {"trajectory_id": trajectory, "path": "out/report.txt"}
     ).json()
-    assert set(read) == {
+    old_keys = {
         "success",
         "content",
         "error",
@@ -190,6 +190,7 @@ def test_old_trainer_artifacts(executor: ExecutorServer) -> None:
         "mime",
         "sha256",
     }
+    assert set(read) - old_keys == {"file_sha256"}, "the old keys, and ours beside them"
     assert read["success"] is True
     assert read["content"] == content
     assert read["encoding"] == "text"
@@ -215,7 +216,9 @@ def test_old_trainer_artifacts(executor: ExecutorServer) -> None:
     assert base64.b64decode(read["content"]) == content.encode()[:4]
     assert read["truncated"] is True
     assert read["bytes"] == 4 and read["file_size"] == len(content)
-    assert read["sha256"] == hashlib.sha256(content.encode()).hexdigest()
+    # As the old service did: the hash of the bytes returned; the whole file's beside it.
+    assert read["sha256"] == hashlib.sha256(content.encode()[:4]).hexdigest()
+    assert read["file_sha256"] == hashlib.sha256(content.encode()).hexdigest()
 
     missing = raw_post(
         executor, "/artifacts/read", {"trajectory_id": trajectory, "path": "nope.txt"}
@@ -250,15 +253,8 @@ def test_old_trainer_artifacts(executor: ExecutorServer) -> None:
         if fmt:
             body["format"] = fmt
         archive = raw_post(executor, "/artifacts/archive", body).json()
-        assert set(archive) == {
-            "success",
-            "content",
-            "error",
-            "encoding",
-            "format",
-            "bytes",
-            "entry_count",
-        }
+        old_keys = {"success", "content", "error", "encoding", "format", "bytes", "entry_count"}
+        assert set(archive) - old_keys == {"truncated"}, "the old keys, and ours beside them"
         assert archive["success"] is True, archive
         assert archive["encoding"] == "base64" and archive["format"] == "tar.gz"
         data = base64.b64decode(archive["content"])
@@ -271,10 +267,15 @@ def test_old_trainer_artifacts(executor: ExecutorServer) -> None:
         assert {"out/report.txt", "out/sub/y"} <= names
         assert archive["entry_count"] >= 2
 
-    # Artifacts of a trajectory that holds no lease: a clear 404.
-    response = raw_post(executor, "/artifacts/list", {"trajectory_id": "no-such-trajectory"})
-    assert response.status_code == 404
-    assert "no-such-trajectory" in response.json()["error"]
+    # Artifacts of a trajectory that holds no slot: HTTP 200 in the route's shape, as the old
+    # service answered.
+    for route in ("read", "list", "archive"):
+        body = {"trajectory_id": "no-such-trajectory", "path": "x"}
+        response = raw_post(executor, f"/artifacts/{route}", body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["success"] is False
+        assert answer["error"].startswith("No active slot for trajectory 'no-such-trajectory'")
     release(executor, trajectory)
 
 

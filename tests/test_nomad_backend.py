@@ -109,7 +109,7 @@ def test_registers_job_and_reuses_it_across_executor_restarts(double: NomadDoubl
         assert double.job(JOB)["Version"] == version  # type: ignore[index]
         assert [a["ID"] for a in double.running(JOB)] == allocations
         result = second.sh("fresh", "ls -A /workspace; echo two")
-        assert result["success"] and result["output"] == "two\n"  # reused slots were reset
+        assert result["success"] and result["output"] == "two"  # reused slots were reset
     finally:
         second.stop()
 
@@ -271,20 +271,20 @@ def test_allocation_killed_mid_batch(double: NomadDouble) -> None:
         # The killed allocation's call fails clearly; the other sandbox's call is unharmed.
         assert outcome["doomed"]["success"] is False
         assert "workspace lost" in outcome["doomed"]["error"], outcome["doomed"]
-        assert outcome["bystander"]["success"] and outcome["bystander"]["output"] == "fine\n"
+        assert outcome["bystander"]["success"] and outcome["bystander"]["output"] == "fine"
         later = server.sh("doomed", "echo again")
         assert later["success"] is False and "workspace lost" in later["error"]
 
         # The sandbox comes back (restarted in its allocation, or replaced by a new one at the
         # same index): its slot goes to a new trajectory with an empty workspace.
         fresh = server.sh("fresh", "ls -A /workspace; echo fresh")
-        assert fresh["success"] and fresh["output"] == "fresh\n", fresh
+        assert fresh["success"] and fresh["output"] == "fresh", fresh
         assert fresh["metadata"]["sandbox_id"] != bystander
         assert server.sh("doomed", "echo still lost")["success"] is False
         for name in ("doomed", "fresh"):
             assert server.client.post("/release", json={"trajectory_id": name}).status_code == 200
         back = server.sh("doomed", "ls -A /workspace; echo back")
-        assert back["success"] and back["output"] == "back\n"
+        assert back["success"] and back["output"] == "back"
     finally:
         server.stop()
 
@@ -297,7 +297,7 @@ def test_nomad_down_then_back(double: NomadDouble) -> None:
         assert server.sh("held", "echo before")["success"]
         double.go_down()
         # Leases keep working without Nomad; health says degraded.
-        assert server.sh("held", "echo during")["output"] == "during\n"
+        assert server.sh("held", "echo during")["output"] == "during"
         wait_for(
             lambda: httpx.get(server.url + "/health").status_code == 503,
             15,

@@ -19,7 +19,6 @@ import shutil
 import stat
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -123,10 +122,12 @@ def nanoseconds(duration: str) -> int:
 # ---- the sandbox pool job
 
 
-def sandbox_cases() -> Iterator[Any]:
+def sandbox_cases() -> list[Any]:
     """Each job file with the settings (beyond the defaults) it stands for."""
-    yield pytest.param(SANDBOX_JOB, {}, id="docker")
-    yield pytest.param(SANDBOX_RAW_EXEC_JOB, {"nomad_driver": "raw_exec"}, id="raw_exec")
+    return [
+        pytest.param(SANDBOX_JOB, {}, id="docker"),
+        pytest.param(SANDBOX_RAW_EXEC_JOB, {"nomad_driver": "raw_exec"}, id="raw_exec"),
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -39,7 +39,7 @@ def test_pool_on_a_real_cluster() -> None:
     server = start_executor(backend="local", env=env)
     try:
         result = server.sh("real", "echo hello from nomad")
-        assert result["success"] and result["output"] == "hello from nomad\n"
+        assert result["success"] and result["output"] == "hello from nomad"
         assert server.status()["pool"]["backend"]["job_id"] == job_id
     finally:
         server.stop()

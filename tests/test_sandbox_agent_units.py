@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from atropos_agent.sandbox.agent import framing
-from atropos_agent.sandbox.agent.artifacts import bounded
+from atropos_agent.sandbox.agent import artifacts, framing
+from atropos_agent.sandbox.agent.artifacts import bounded, mime_type, walk_files
 from atropos_agent.sandbox.agent.config import AgentConfig
-from atropos_agent.sandbox.agent.output import OutputCapture
+from atropos_agent.sandbox.agent.output import CommandOutput, OutputCapture
 from atropos_agent.sandbox.agent.results import ToolError, command_result, failure, limits_seen
 from atropos_agent.sandbox.agent.shell import shell_quote
 from atropos_agent.sandbox.agent.workspace import Workspace
@@ -178,24 +178,103 @@ def test_output_capture_keeps_head_and_tail() -> None:
 
 
 def test_command_result_reads_limits_from_how_a_command_ended(tmp_path: Path) -> None:
-    config = AgentConfig(config_for(tmp_path))
-    capture = OutputCapture(100)
-    capture.feed(b"Traceback...\nMemoryError\n")
-    seen = limits_seen(capture, 1, 0, config)
-    assert seen == ["memory"]
-    result = command_result(capture, 1, seen, 0, 0.0, config)
+    config = AgentConfig(config_for(tmp_path, sandboxed=True, network_isolated=True))
+    output = CommandOutput(100, split=True)
+    output.stdout.feed(b"working\n")
+    output.stderr.feed(b"Traceback...\nMemoryError\n")  # type: ignore[union-attr]
+    seen = limits_seen(output, 1, 0, config)
+    assert seen == ["memory"]  # found on stderr
+    result = command_result(output, 1, seen, 0, 0.0, config)
     assert not result["success"]
-    assert result["error"] == "command exited with status 1 (memory limit of 1024 MiB per command)"
-    assert result["metadata"]["limit_hit"] == ["memory"]
+    assert result["error"] == "Exit code: 1 (memory limit of 1024 MiB per command)"
+    assert result["output"] == "working\n\n[stderr]\nTraceback...\nMemoryError"
+    meta = result["metadata"]
+    assert meta["limit_hit"] == ["memory"]
+    assert (meta["exit_code"], meta["sandboxed"], meta["network_isolated"]) == (1, True, True)
+    assert (meta["stdout_bytes"], meta["stderr_bytes"], meta["output_bytes"]) == (8, 25, 33)
 
-    quiet = OutputCapture(100)
+    quiet = CommandOutput(100, split=False)
     assert limits_seen(quiet, 0, 0, config) == []  # markers only count when a command failed
+    ok = command_result(quiet, 0, [], 0, 0.0, config)
+    assert (ok["success"], ok["error"], ok["metadata"]["exit_code"]) == (True, "", 0)
+    assert "stderr_bytes" not in ok["metadata"]  # merged: one stream
     killed = command_result(quiet, -9, [], 0, 0.0, config)
     assert killed["metadata"]["signal"] == 9 and killed["metadata"]["exit_code"] == 137
-    timed_out = command_result(quiet, None, ["timeout"], 3, 0.0, config)
+    assert killed["error"] == "Exit code: 137"
+    timed_out = command_result(quiet, None, ["timeout"], 3, 0.0, config, timeout=2.5)
     assert timed_out["metadata"]["timed_out"] is True
+    assert timed_out["metadata"]["timeout"] is True
+    assert timed_out["metadata"]["exit_code"] == -1
     assert timed_out["metadata"]["killed_processes"] == 3
-    assert timed_out["error"].startswith("command timed out after")
+    assert timed_out["error"] == "Command timed out after 2.5s"
+    whole = command_result(quiet, None, ["timeout"], 0, 0.0, config, timeout=30.0)
+    assert whole["error"] == "Command timed out after 30s"
+    disk = command_result(quiet, None, ["disk"], 0, 0.0, config)
+    assert disk["error"].startswith("workspace disk limit of 10 MiB exceeded")
+    assert disk["metadata"]["exit_code"] == -1
+
+
+@pytest.mark.parametrize(
+    ("stdout", "stderr", "expected"),
+    [
+        (b"out\n", b"err\n", "out\n\n[stderr]\nerr"),
+        (b"hello\n", b"", "hello"),
+        (b"", b"oops\n", "oops"),
+        (b"", b"", ""),
+        (b"  indented\n\n", b"", "indented"),
+        (b"\n", b"err", "[stderr]\nerr"),  # stdout not empty: the header stays, stripped
+    ],
+)
+def test_split_output_is_the_old_form(stdout: bytes, stderr: bytes, expected: str) -> None:
+    output = CommandOutput(1000, split=True)
+    output.stdout.feed(stdout)
+    assert output.stderr is not None
+    output.stderr.feed(stderr)
+    assert output.text() == expected
+    assert not output.truncated
+
+
+def test_merged_output_is_raw() -> None:
+    output = CommandOutput(1000, split=False)
+    output.stdout.feed(b"out\nerr\n")
+    assert output.stderr is None
+    assert output.text() == "out\nerr\n"
+
+
+def test_split_streams_share_the_output_bound() -> None:
+    # Both large: each keeps half, head and tail.
+    output = CommandOutput(20, split=True)
+    assert output.stderr is not None
+    output.stdout.feed(b"O" * 5 + b"o" * 90 + b"P" * 5)
+    output.stderr.feed(b"E" * 5 + b"e" * 90 + b"F" * 5)
+    assert output.truncated and output.budgets() == (10, 10)
+    assert output.text() == (
+        "OOOOO\n[... 90 bytes of output omitted ...]\nPPPPP\n[stderr]\n"
+        "EEEEE\n[... 90 bytes of output omitted ...]\nFFFFF"
+    )
+    # A small stderr is kept whole; stdout gets the rest of the bound.
+    small_err = CommandOutput(20, split=True)
+    assert small_err.stderr is not None
+    small_err.stdout.feed(b"0123456789" * 3)
+    small_err.stderr.feed(b"boom")
+    assert small_err.budgets() == (16, 4)
+    assert small_err.text() == (
+        "01234567\n[... 14 bytes of output omitted ...]\n23456789\n[stderr]\nboom"
+    )
+    # Under the bound together: nothing is cut.
+    fits = CommandOutput(20, split=True)
+    assert fits.stderr is not None
+    fits.stdout.feed(b"a" * 10)
+    fits.stderr.feed(b"b" * 10)
+    assert not fits.truncated and fits.text() == "a" * 10 + "\n[stderr]\n" + "b" * 10
+
+
+def test_output_capture_text_to_a_smaller_bound() -> None:
+    capture = OutputCapture(100)
+    capture.feed(bytes(range(65, 65 + 26)))  # A..Z, all held
+    assert capture.text() == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    assert capture.text(10) == "ABCDE\n[... 16 bytes of output omitted ...]\nVWXYZ"
+    assert capture.text(1000) == capture.text()
 
 
 def test_failure_is_the_one_failed_answer() -> None:
@@ -247,10 +326,60 @@ def test_runtime_directory_runs_under_isolated_python(tmp_path: Path) -> None:
             agent.stdin.write(framing.encode_frame(message))
         agent.stdin.flush()
         answer = framing.read_frame(agent.stdout.fileno())
-        assert answer is not None and answer["output"] == "hi\n" and answer["success"]
+        assert answer is not None and answer["output"] == "hi" and answer["success"]
         unknown = framing.read_frame(agent.stdout.fileno())
         assert unknown == failure("unknown agent operation 'ping'")
         assert agent.wait(timeout=10) == 0
     finally:
         agent.kill()
         agent.wait()
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_mime_type_is_the_old_suffix_table() -> None:
+    assert mime_type("/w/report.tar.gz") == "application/gzip"
+    assert mime_type("/w/x.TGZ") == "application/gzip"
+    assert mime_type("/w/x.gz") == "application/octet-stream"
+    assert mime_type("/w/x.jpeg") == "image/jpeg"
+    assert mime_type("/w/.md") == "application/octet-stream"  # a dot file has no suffix
+    assert mime_type("/w/Makefile") == "application/octet-stream"
+
+
+def test_walk_files_is_sorted_by_path_and_never_follows_links(workspace: Workspace) -> None:
+    root = Path(workspace.root)
+    for name in ("b.txt", "a/z.txt", "a/sub/y.txt", "a.txt", "ab/x.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (root / "link").symlink_to("/etc")
+    os.mkfifo(root / "fifo")
+    found = [os.path.relpath(path, root) for path in walk_files(str(root))]
+    assert found == ["a/sub/y.txt", "a/z.txt", "a.txt", "ab/x.txt", "b.txt", "link"]
+
+
+def test_archive_over_max_bytes_is_measured_up_to_a_ceiling(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(workspace.root)
+    for number in range(5):
+        (root / f"f{number}.bin").write_bytes(os.urandom(200_000))  # incompressible
+    full = artifacts.archive(workspace, 4 << 20, {"path": "."})
+    assert full["success"] and full["entry_count"] == 5 and full["bytes"] > 1_000_000
+    over = artifacts.archive(workspace, 4 << 20, {"path": ".", "max_bytes": 1000})
+    assert (over["success"], over["bytes"], over["entry_count"]) == (False, full["bytes"], 5)
+    assert over["error"].startswith(f"archive of {full['bytes']} bytes exceeds max_bytes=1000")
+    # Past the ceiling the measuring stops (at the next file), and says the size is a bound.
+    monkeypatch.setattr(artifacts, "ARCHIVE_MEASURE_CEILING", 300_000)
+    capped = artifacts.archive(workspace, 4 << 20, {"path": ".", "max_bytes": 1000})
+    assert capped["success"] is False
+    assert 1 <= capped["entry_count"] < 5 and 300_000 < capped["bytes"] < full["bytes"]
+    assert capped["error"].startswith(f"archive of more than {capped['bytes']} bytes exceeds")
+
+
+def test_open_file_refuses_a_directory_with_a_clear_error(workspace: Workspace) -> None:
+    os.mkdir(os.path.join(workspace.root, "d"))
+    with pytest.raises(ToolError, match=r"^d is a directory$"):
+        workspace.open_file(workspace.resolve("d"))
+    with pytest.raises(ToolError, match=r"^/workspace is a directory$"):
+        workspace.read_bytes(workspace.resolve("."), 10)

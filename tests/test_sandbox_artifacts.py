@@ -71,6 +71,7 @@ def test_read_text(sandbox: SandboxServer) -> None:
     assert answer["path"] == f"{d}/hello.txt"
     assert answer["mime"] == "text/plain"
     assert answer["sha256"] is None
+    assert answer["file_sha256"] is None
 
 
 def test_read_base64_round_trips_binary(sandbox: SandboxServer) -> None:
@@ -103,7 +104,9 @@ def test_read_max_bytes_truncates(sandbox: SandboxServer) -> None:
     assert base64.b64decode(exact["content"]) == BINARY
 
 
-def test_read_sha256_is_of_the_whole_file(sandbox: SandboxServer) -> None:
+def test_read_sha256_is_of_the_bytes_returned(sandbox: SandboxServer) -> None:
+    """As the old service: ``sha256`` hashes what was returned; ``file_sha256`` (ours) the
+    whole file."""
     d = fresh_dir(sandbox)
     write_binary(sandbox, f"{d}/blob.bin", BINARY)
     answer = post(
@@ -111,15 +114,45 @@ def test_read_sha256_is_of_the_whole_file(sandbox: SandboxServer) -> None:
     )
     assert answer["success"] is True, answer
     assert answer["truncated"] is True
-    assert answer["sha256"] == hashlib.sha256(BINARY).hexdigest()
+    assert answer["sha256"] == hashlib.sha256(BINARY[:10]).hexdigest()
+    assert answer["file_sha256"] == hashlib.sha256(BINARY).hexdigest()
+    whole = post(sandbox, "read", path=f"{d}/blob.bin", encoding="base64", include_sha256=True)
+    assert whole["truncated"] is False
+    assert whole["sha256"] == whole["file_sha256"] == hashlib.sha256(BINARY).hexdigest()
+
+
+# The old service's suffix table, exactly; anything else is application/octet-stream.
+OLD_MIME_TABLE = {
+    "a.png": "image/png",
+    "a.jpg": "image/jpeg",
+    "a.jpeg": "image/jpeg",
+    "a.webp": "image/webp",
+    "a.gif": "image/gif",
+    "a.txt": "text/plain",
+    "a.log": "text/plain",
+    "a.json": "application/json",
+    "a.xml": "application/xml",
+    "a.html": "text/html",
+    "a.md": "text/markdown",
+    "a.tgz": "application/gzip",
+    "a.tar.gz": "application/gzip",
+    "A.PNG": "image/png",
+    "a.gz": "application/octet-stream",
+    "a.csv": "application/octet-stream",
+    "a.py": "application/octet-stream",
+    "a.htm": "application/octet-stream",
+    "a.svg": "application/octet-stream",
+    "noext": "application/octet-stream",
+}
 
 
 def test_read_mime_types(sandbox: SandboxServer) -> None:
     d = fresh_dir(sandbox)
+    names = " ".join(OLD_MIME_TABLE)
+    assert sandbox.sh("slot_0", f"cd {d} && touch {names}")["success"]
+    for name, mime in OLD_MIME_TABLE.items():
+        assert post(sandbox, "read", path=f"{d}/{name}")["mime"] == mime, name
     write(sandbox, f"{d}/data.json", '{"a": 1}')
-    write(sandbox, f"{d}/notes.txt", "x")
-    assert post(sandbox, "read", path=f"{d}/data.json")["mime"] == "application/json"
-    assert post(sandbox, "read", path=f"{d}/notes.txt")["mime"] == "text/plain"
     json_answer = post(sandbox, "read", path=f"{d}/data.json")
     assert json_answer["content"] == '{"a": 1}'
 
@@ -150,9 +183,11 @@ def test_read_missing_file(sandbox: SandboxServer) -> None:
 
 def test_read_directory_is_an_error(sandbox: SandboxServer) -> None:
     d = fresh_dir(sandbox)
-    answer = post(sandbox, "read", path=d)
-    assert answer["success"] is False
-    assert "directory" in answer["error"]
+    for path, name in ((d, d), (f"/workspace/{d}/", d), (".", "/workspace")):
+        for sha in (False, True):
+            answer = post(sandbox, "read", path=path, include_sha256=sha)
+            assert answer["success"] is False
+            assert answer["error"] == f"{name} is a directory", answer
 
 
 def test_read_request_validation(sandbox: SandboxServer) -> None:
@@ -233,12 +268,23 @@ def test_list_max_entries_truncates(sandbox: SandboxServer) -> None:
     assert len(enough["entries"]) == 6
 
 
-def test_list_of_a_file_or_missing_dir_fails(sandbox: SandboxServer) -> None:
+def test_list_of_a_file_is_that_file(sandbox: SandboxServer) -> None:
     d = make_tree(sandbox)
-    for path in (f"{d}/a.txt", f"{d}/missing"):
-        answer = post(sandbox, "list", path=path)
-        assert answer["success"] is False, path
-        assert "not a directory" in answer["error"]
+    for recursive in (False, True):
+        answer = post(sandbox, "list", path=f"{d}/sub/c.txt", recursive=recursive)
+        assert answer["success"] is True, answer
+        assert answer["truncated"] is False
+        [entry] = answer["entries"]
+        assert (entry["path"], entry["is_dir"], entry["size"]) == (f"{d}/sub/c.txt", False, 1)
+    bounded = post(sandbox, "list", path=f"{d}/a.txt", max_entries=0)
+    assert (bounded["success"], bounded["entries"], bounded["truncated"]) == (True, [], True)
+
+
+def test_list_of_a_missing_path_fails(sandbox: SandboxServer) -> None:
+    d = make_tree(sandbox)
+    answer = post(sandbox, "list", path=f"{d}/missing")
+    assert answer["success"] is False
+    assert answer["error"] == f"no such file or directory: {d}/missing"
 
 
 # --------------------------------------------------------------------------- archive
@@ -249,21 +295,20 @@ def test_archive_contents(sandbox: SandboxServer) -> None:
     write_binary(sandbox, f"{d}/sub/blob.bin", BINARY)
     answer = post(sandbox, "archive", path=d)
     with untar(answer) as archive:
-        names = set(archive.getnames())
-        assert names == {
-            "a.txt",
-            "b.txt",
-            "sub",
-            "sub/c.txt",
-            "sub/blob.bin",
-            "sub/deeper",
-            "sub/deeper/d.txt",
-        }
-        assert answer["entry_count"] == len(names)
-        assert archive.getmember("sub").isdir()
+        # Files only, named from the workspace root, in sorted path order (the old shape).
+        assert archive.getnames() == [
+            f"{d}/a.txt",
+            f"{d}/b.txt",
+            f"{d}/sub/blob.bin",
+            f"{d}/sub/c.txt",
+            f"{d}/sub/deeper/d.txt",
+        ]
+        assert answer["entry_count"] == 5
+        assert answer["truncated"] is False
+        assert all(member.isfile() for member in archive.getmembers())
 
         def content(name: str) -> bytes:
-            handle = archive.extractfile(name)
+            handle = archive.extractfile(f"{d}/{name}")
             assert handle is not None
             return handle.read()
 
@@ -276,13 +321,15 @@ def test_archive_tgz_format_and_workspace_absolute(sandbox: SandboxServer) -> No
     d = make_tree(sandbox)
     answer = post(sandbox, "archive", path=f"/workspace/{d}/sub", format="tgz")
     with untar(answer) as archive:
-        assert set(archive.getnames()) == {"c.txt", "deeper", "deeper/d.txt"}
+        assert archive.getnames() == [f"{d}/sub/c.txt", f"{d}/sub/deeper/d.txt"]
 
 
 def test_archive_whole_workspace_by_default(sandbox: SandboxServer) -> None:
     d = make_tree(sandbox)
     with untar(post(sandbox, "archive")) as archive:
-        assert f"{d}/sub/deeper/d.txt" in archive.getnames()
+        names = archive.getnames()
+        assert f"{d}/sub/deeper/d.txt" in names
+        assert d not in names  # no directory entries
 
 
 def test_archive_rejects_unknown_format(sandbox: SandboxServer) -> None:
@@ -293,16 +340,16 @@ def test_archive_rejects_unknown_format(sandbox: SandboxServer) -> None:
     assert "format" in response.json()["error"]
 
 
-def test_archive_max_entries(sandbox: SandboxServer) -> None:
-    d = make_tree(sandbox)  # 6 entries below d
-    refused = post(sandbox, "archive", path=d, max_entries=5)
-    assert refused["success"] is False
-    assert "max_entries" in refused["error"]
-    assert "5 entries" in refused["error"]
-    assert not refused.get("content")
-    exact = post(sandbox, "archive", path=d, max_entries=6)
-    assert exact["success"] is True, exact
-    assert exact["entry_count"] == 6
+def test_archive_max_entries_keeps_the_first_files(sandbox: SandboxServer) -> None:
+    d = make_tree(sandbox)  # 4 files below d (and 2 directories, which are not entries)
+    first = post(sandbox, "archive", path=d, max_entries=3)
+    assert first["success"] is True, first
+    assert first["entry_count"] == 3
+    assert first["truncated"] is True
+    with untar(first) as archive:
+        assert archive.getnames() == [f"{d}/a.txt", f"{d}/b.txt", f"{d}/sub/c.txt"]
+    exact = post(sandbox, "archive", path=d, max_entries=4)
+    assert (exact["success"], exact["entry_count"], exact["truncated"]) == (True, 4, False)
 
 
 def test_archive_max_entries_zero_on_empty_dir(sandbox: SandboxServer) -> None:
@@ -319,8 +366,8 @@ def test_archive_of_a_single_file_holds_that_file(sandbox: SandboxServer) -> Non
     answer = post(sandbox, "archive", path=f"{d}/sub/c.txt")
     assert answer["entry_count"] == 1
     with untar(answer) as archive:
-        assert archive.getnames() == ["c.txt"]
-        handle = archive.extractfile("c.txt")
+        assert archive.getnames() == [f"{d}/sub/c.txt"]
+        handle = archive.extractfile(f"{d}/sub/c.txt")
         assert handle is not None
         assert handle.read() == b"c"
 
@@ -330,15 +377,21 @@ def test_archive_max_bytes(sandbox: SandboxServer) -> None:
     # Random bytes do not compress: the archive is larger than the file.
     sandbox.sh("slot_0", f"head -c 200000 /dev/urandom > {d}/noise.bin")
     refused = post(sandbox, "archive", path=d, max_bytes=50_000)
-    assert refused["success"] is False
-    assert "max_bytes" in refused["error"]
-    assert not refused.get("content")
     small = post(sandbox, "archive", path=d, max_bytes=1_000_000)
     with untar(small) as archive:
-        handle = archive.extractfile("noise.bin")
+        handle = archive.extractfile(f"{d}/noise.bin")
         assert handle is not None
         assert len(handle.read()) == 200000
-    assert small["bytes"] <= 1_000_000
+    assert 200_000 < small["bytes"] <= 1_000_000
+    # Too large: the archive's real size, as the old service answered.
+    assert refused["success"] is False
+    assert refused["bytes"] == small["bytes"]
+    assert refused["entry_count"] == 1
+    assert refused["error"] == (
+        f"archive of {small['bytes']} bytes exceeds max_bytes=50000; raise it (up to the "
+        "sandbox's file limit) or archive a subdirectory"
+    )
+    assert not refused.get("content")
 
 
 # --------------------------------------------------------------------------- escapes
@@ -397,14 +450,17 @@ def test_archive_stores_outward_symlinks_as_symlinks(
 ) -> None:
     answer = post(sandbox, "archive", path=outward_links)
     with untar(answer) as archive:
-        members = {member.name: member for member in archive.getmembers()}
+        members = {
+            member.name.removeprefix(f"{outward_links}/"): member for member in archive.getmembers()
+        }
         assert set(members) == {"etclink", "pw", "up", "ok.txt", "good"}
         for name, target in (("etclink", "/etc"), ("pw", "/etc/passwd"), ("up", "../../..")):
             assert members[name].issym(), name
             assert members[name].linkname == target
             assert members[name].size == 0
         assert members["good"].issym()
-        handle = archive.extractfile("ok.txt")
+        assert answer["entry_count"] == 5  # links count as entries, as files do
+        handle = archive.extractfile(f"{outward_links}/ok.txt")
         assert handle is not None
         assert handle.read() == b"inside\n"
     # No byte of the link targets' content is in the archive.
@@ -449,3 +505,15 @@ def test_unknown_slot_404(sandbox: SandboxServer) -> None:
         )
         assert response.status_code == 404, route
         assert "slot_99" in response.json()["error"]
+
+
+def test_archive_of_a_missing_path_or_special_files(sandbox: SandboxServer) -> None:
+    d = make_tree(sandbox)
+    missing = post(sandbox, "archive", path=f"{d}/missing")
+    assert missing["success"] is False
+    assert missing["error"] == f"no such file or directory: {d}/missing"
+    # FIFOs, sockets and devices are not files of an archive (nor does a FIFO hang it).
+    assert sandbox.sh("slot_0", f"mkfifo {d}/sub/pipe")["success"]
+    answer = post(sandbox, "archive", path=f"{d}/sub")
+    with untar(answer) as archive:
+        assert archive.getnames() == [f"{d}/sub/c.txt", f"{d}/sub/deeper/d.txt"]

@@ -7,18 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
+from harness.processes import CONNECT_PROBE
 from harness.servers import SandboxServer
-
-CONNECT = (
-    "import socket, sys\n"
-    "s = socket.socket()\n"
-    "s.settimeout(3)\n"
-    "try:\n"
-    "    s.connect(('127.0.0.1', {port}))\n"
-    "    print('connected')\n"
-    "except OSError as exc:\n"
-    "    print('refused', exc)\n"
-)
 
 
 def test_slot_sees_only_its_own_workspace(sandbox: SandboxServer) -> None:
@@ -105,7 +95,7 @@ def test_no_network_when_disallowed(sandbox_factory: Callable[..., SandboxServer
     isolated = sandbox_factory(slots=1, args=["--no-network"])
     connected = sandbox_factory(slots=1)
     # Both try to reach a port that is listening on the host's loopback.
-    code = CONNECT.format(port=connected.port)
+    code = CONNECT_PROBE.format(port=connected.port)
     assert "refused" in isolated.run("slot_0", "python", code=code)["output"]
     assert "connected" in connected.run("slot_0", "python", code=code)["output"]
     interfaces = isolated.sh("slot_0", "cat /proc/net/dev")["output"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,8 @@ class Batcher:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = BatchStats()
         self.closed = False
+        # Calls handed to the batcher and not answered yet, by slot: which slots are executing.
+        self.calls_by_slot: Counter[str] = Counter()
 
     async def submit(self, item: BatchItem) -> BatchResult:
         """Queue one sandbox call and wait for its result; ``SandboxUnavailable`` when the
@@ -75,6 +77,8 @@ class Batcher:
             raise SandboxUnavailable(f"sandbox at {self.sandbox.url} is gone")
         loop = asyncio.get_running_loop()
         call = PendingCall(item, loop.create_future())
+        self.calls_by_slot[item.slot_id] += 1
+        call.future.add_done_callback(lambda _: self._answered(item.slot_id))
         self.pending.append(call)
         if len(self.pending) >= self.max_size:
             self._flush()
@@ -86,6 +90,11 @@ class Batcher:
         elif self.timer is None:
             self.timer = loop.call_later(self.window_s, self._flush)
         return await call.future
+
+    def _answered(self, slot_id: str) -> None:
+        self.calls_by_slot[slot_id] -= 1
+        if self.calls_by_slot[slot_id] <= 0:
+            del self.calls_by_slot[slot_id]
 
     def _flush(self) -> None:
         self.flush_scheduled = False

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -339,9 +339,27 @@ class Executor:
         send: Callable[[SandboxClient, S], Awaitable[R]],
         answer: type[R],
     ) -> R:
-        """Send the request, keyed by the trajectory's slot, in order with its calls. A
-        sandbox that does not answer gives the route's own shape with ``success: false``."""
-        async with self._leased(request.trajectory_id) as lease:
+        """Send the request, keyed by the trajectory's slot, in order with its calls.
+
+        As the old service did, a trajectory that holds no slot gets the route's own shape with
+        ``success: false`` (HTTP 200), and so does one whose sandbox does not answer.
+        """
+        trajectory_id = request.trajectory_id
+        trajectory = self.trajectories.get(trajectory_id)
+        if trajectory is None or trajectory.lease is None:
+            ended = self.ended.get(trajectory_id)
+            return answer(
+                success=False,
+                error=ended
+                or f"No active slot for trajectory {trajectory_id!r}: make a sandbox call first",
+            )
+        async with trajectory.lock:
+            lease = trajectory.lease
+            if lease is None or lease.lost:
+                return answer(
+                    success=False, error=f"workspace lost for trajectory {trajectory_id!r}"
+                )
+            trajectory.last_used = time.monotonic()
             fields = request.model_dump(exclude={"trajectory_id"})
             try:
                 return await send(
@@ -349,23 +367,6 @@ class Executor:
                 )
             except SandboxUnavailable as exc:
                 return answer(success=False, error=f"sandbox did not answer: {exc.message}")
-
-    @contextlib.asynccontextmanager
-    async def _leased(self, trajectory_id: str) -> AsyncIterator[Lease]:
-        trajectory = self.trajectories.get(trajectory_id)
-        if trajectory is None or trajectory.lease is None:
-            ended = self.ended.get(trajectory_id)
-            raise UnknownTrajectory(
-                ended
-                or f"unknown trajectory {trajectory_id!r}: it holds "
-                "no lease (make a sandbox call first)"
-            )
-        async with trajectory.lock:
-            lease = trajectory.lease
-            if lease is None or lease.lost:
-                raise UnknownTrajectory(f"workspace lost for trajectory {trajectory_id!r}")
-            trajectory.last_used = time.monotonic()
-            yield lease
 
     # ---- reporting
 

@@ -41,6 +41,19 @@ class PoolSandbox:
     def busy_slots(self) -> int:
         return len(self.leased) + len(self.resetting)
 
+    def slot_states(self) -> dict[str, int]:
+        """Slots by the old service's states: ``error`` are those out of use because their
+        reset failed (they are not known to be clean)."""
+        executing = sum(1 for slot_id in self.leased if self.batcher.calls_by_slot[slot_id])
+        accounted = len(self.free) + len(self.leased) + len(self.resetting)
+        return {
+            "available": len(self.free),
+            "acquired": len(self.leased) - executing,
+            "executing": executing,
+            "releasing": len(self.resetting),
+            "error": len(self.slot_ids) - accounted,
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "sandbox_id": self.sandbox_id,

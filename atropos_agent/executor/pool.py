@@ -365,14 +365,25 @@ class Pool:
 
     def describe(self) -> dict[str, Any]:
         live = self.by_index()
+        states = {"available": 0, "acquired": 0, "executing": 0, "releasing": 0, "error": 0}
+        for sandbox in live:
+            for state, count in sandbox.slot_states().items():
+                states[state] += count
+        total = sum(len(s.slot_ids) for s in live)
         return {
             "backend": self.backend.describe(),
+            # The old service's keys (docs/protocol.md), then ours.
+            "started": self.started,
+            "containers": len(live),
+            "total_slots": total,
+            "available_slots": states["available"],
+            "acquired_slots": states["acquired"] + states["executing"],
+            "slots_by_state": states,
             "sandboxes": len(live),
             "min_containers": self.settings.min_sandboxes,
             "max_containers": self.settings.max_sandboxes,
             "slots_per_sandbox": self.settings.slots_per_sandbox,
-            "total_slots": sum(len(s.slot_ids) for s in live),
-            "free_slots": sum(len(s.free) for s in live),
+            "free_slots": states["available"],
             "leased_slots": sum(len(s.leased) for s in live),
             "waiting_for_slot": len(self.waiters),
             "lost_sandboxes": self.lost_sandboxes,

@@ -68,6 +68,9 @@ class ExecutorSettings(BaseSettings):
     sandbox_max_file_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     sandbox_disk_mb: int = Field(default=1024, ge=1)
     sandbox_slot_uid_base: int = Field(default=200_000, ge=1000)
+    # How `terminal` answers: "split" (the old service's form: stdout, then "[stderr]" and
+    # stderr) or "merged" (both streams interleaved as the command wrote them).
+    terminal_output: Literal["split", "merged"] = "split"
 
     # Nomad connection. The ACL token keeps Nomad's own variable name; NOMAD_ADDR is honoured
     # when TOOL_EXECUTOR_NOMAD_ADDRESS is not set.
@@ -184,6 +187,7 @@ class ExecutorSettings(BaseSettings):
             "ATROPOS_SANDBOX_DISK_MB": str(self.sandbox_disk_mb),
             "ATROPOS_SANDBOX_MAX_REQUEST_BYTES": str(self.max_request_bytes),
             "ATROPOS_SANDBOX_SLOT_UID_BASE": str(self.sandbox_slot_uid_base),
+            "ATROPOS_SANDBOX_TERMINAL_OUTPUT": self.terminal_output,
         }
 
 

@@ -42,6 +42,12 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--disk-mb", "disk_mb", int, "workspace + /tmp bound per slot (default 1024)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest request body (default 32 MiB)"),
     ("--slot-uid-base", "slot_uid_base", int, "first host uid for slots when run as root"),
+    (
+        "--terminal-output",
+        "terminal_output",
+        str,
+        "split (default: stdout, then [stderr] and stderr) or merged (one interleaved stream)",
+    ),
 ]
 
 

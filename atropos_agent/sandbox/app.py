@@ -1,8 +1,13 @@
 """The sandbox server's HTTP face: thin routes over the ``Sandbox`` (``server.py``).
 
 Each route parses its body into a protocol model (``protocol.py``), hands it to the sandbox,
-and answers with a response model. Errors are ``AtroposError``s (unknown slot 404, unknown
-tool 400, slot queue full 503), answered by ``web.install_error_handlers``.
+and answers with a response model. Errors are ``AtroposError``s (unknown slot 404 on /reset
+and /artifacts/*, slot queue full 503), answered by ``web.install_error_handlers``.
+
+The call routes (``/batch``, ``/batch/stream``, ``/execute``) take the body as raw JSON: each
+item is checked alone (``Sandbox.admit``), so an unknown slot or tool or an invalid field fails
+that item only, as the old containers did. Only a body that is not JSON (400) or not a list of
+objects (an object for ``/execute``; 422) refuses the request.
 
 Results of calls, the hot path, leave as JSON bytes that pydantic-core serialises from the
 models the sandbox built (``server.RESULTS``): FastAPI would otherwise validate them a second
@@ -11,11 +16,13 @@ time and encode them twice.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 
 from atropos_agent import __version__
@@ -41,7 +48,7 @@ from atropos_agent.sandbox.protocol import (
     SlotsResponse,
     StreamedResult,
 )
-from atropos_agent.sandbox.server import RESULT, RESULTS, Sandbox
+from atropos_agent.sandbox.server import RESULT, RESULTS, Admitted, Sandbox
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.web import BearerAuthMiddleware, BodyLimitMiddleware, install_error_handlers
 
@@ -65,6 +72,50 @@ def json_bytes(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
+def refuse(kind: str, message: str, where: tuple[str | int, ...] = ("body",)) -> None:
+    """Refuse the whole request as FastAPI would have (``web.validation_error``: 400 for
+    malformed JSON, 422 for the wrong shape)."""
+    error: dict[str, Any] = {"type": kind, "loc": where, "msg": message, "input": None}
+    raise RequestValidationError([error])
+
+
+async def decoded(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        position = getattr(exc, "pos", 0)
+        error = {
+            "type": "json_invalid",
+            "loc": ("body", position),
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": getattr(exc, "msg", str(exc))},
+        }
+        raise RequestValidationError([error]) from None
+
+
+async def batch_of(request: Request) -> list[Admitted]:
+    """The items of a batch body, each admitted alone (``Sandbox.admit``)."""
+    entries = await decoded(request)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        refuse(
+            "list_type",
+            "a batch must be a JSON list of objects ({slot_id, tool, args, execution_id, timeout})",
+        )
+    return sandbox_of(request).admit(entries)
+
+
+def body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The documented request body of a route that reads it raw."""
+    content = {"application/json": {"schema": schema}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+ITEM_SCHEMA = BatchItem.model_json_schema(by_alias=True)
+BATCH_BODY = body_schema({"type": "array", "items": ITEM_SCHEMA})
+
+
 @router.get("/health", response_model=SandboxHealth)
 async def health(request: Request) -> SandboxHealth:
     """Counts and modes only: open without a token, for orchestrators' checks."""
@@ -76,12 +127,11 @@ async def slots(request: Request) -> SlotsResponse:
     return sandbox_of(request).describe_slots()
 
 
-@router.post("/batch", response_model=list[BatchResult])
-async def batch(items: list[BatchItem], request: Request) -> Response:
+@router.post("/batch", response_model=list[BatchResult], openapi_extra=BATCH_BODY)
+async def batch(request: Request) -> Response:
     """Protocol 1: every result, in the order of the items, once all are done."""
-    sandbox = sandbox_of(request)
-    sandbox.validate(items)
-    return json_bytes(RESULTS.dump_json(await sandbox.run_batch(items)))
+    items = await batch_of(request)
+    return json_bytes(RESULTS.dump_json(await sandbox_of(request).run_batch(items)))
 
 
 # One NDJSON line per item, as its call finishes; documented here since a stream has no
@@ -94,27 +144,35 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/batch/stream", response_class=StreamingResponse, responses=STREAM_RESPONSES)
-async def batch_stream(items: list[BatchItem], request: Request) -> StreamingResponse:
+@router.post(
+    "/batch/stream",
+    response_class=StreamingResponse,
+    responses=STREAM_RESPONSES,
+    openapi_extra=BATCH_BODY,
+)
+async def batch_stream(request: Request) -> StreamingResponse:
     """Protocol 2: each result as its own NDJSON line as soon as it is ready."""
-    sandbox = sandbox_of(request)
-    sandbox.validate(items)
-    return StreamingResponse(sandbox.stream_batch(items), media_type=NDJSON)
+    items = await batch_of(request)
+    return StreamingResponse(sandbox_of(request).stream_batch(items), media_type=NDJSON)
 
 
-@router.post("/execute", response_model=BatchResult)
-async def execute(item: BatchItem, request: Request) -> Response:
+@router.post("/execute", response_model=BatchResult, openapi_extra=body_schema(ITEM_SCHEMA))
+async def execute(request: Request) -> Response:
     """Protocol 1: one item, answered with its result."""
+    entry = await decoded(request)
+    if not isinstance(entry, dict):
+        refuse("dict_type", "an item must be a JSON object ({slot_id, tool, args, ...})")
     sandbox = sandbox_of(request)
-    sandbox.validate([item])
-    return json_bytes(RESULT.dump_json((await sandbox.run_batch([item]))[0]))
+    results = await sandbox.run_batch(sandbox.admit([entry]))
+    return json_bytes(RESULT.dump_json(results[0]))
 
 
 @router.post("/reset", response_model=ResetResponse)
 async def reset(body: SlotRequest, request: Request) -> ResetResponse:
     """Wait for the slot's queued calls, kill its processes, wipe its files, start it anew."""
     await sandbox_of(request).slot(body.slot_id).reset()
-    return ResetResponse(slot_id=body.slot_id)
+    # The old containers' answer, with our fields beside it.
+    return ResetResponse(output=f"Reset workspace for {body.slot_id}", slot_id=body.slot_id)
 
 
 # Artifact answers take the artifact response shapes, failures included (success false + error).

@@ -41,7 +41,10 @@ class Launch:
     cwd: str
 
 
-def agent_config(settings: SandboxSettings, paths: SlotPaths) -> dict[str, Any]:
+def agent_config(
+    settings: SandboxSettings, paths: SlotPaths, network: bool | None = None
+) -> dict[str, Any]:
+    # ``network``: the launch's network mode (None: the server's); see ``bwrap_prefix``.
     isolated = settings.isolation == "bwrap"
     root = WORKSPACE_IN_SLOT if isolated else str(paths.workspace)
     tmp = "/tmp" if isolated else str(paths.tmp)
@@ -55,10 +58,18 @@ def agent_config(settings: SandboxSettings, paths: SlotPaths) -> dict[str, Any]:
         "disk_bytes": settings.disk_bytes,
         "max_processes": settings.max_processes,
         "memory_bytes": settings.memory_bytes,
+        # How commands answer: stdout and stderr apart ("split") or interleaved ("merged").
+        "terminal_output": settings.terminal_output,
+        # Reported in every command's metadata, as the old service did.
+        "sandboxed": isolated,
+        # True when this agent runs in a private network namespace (``--unshare-net``).
+        "network_isolated": isolated and not (settings.allow_network and network is not False),
         "env": {
             "PATH": PATH,
             "HOME": root,
             "TMPDIR": tmp,
+            # tmux puts its socket under TMUX_TMPDIR, else the real /tmp (isolation none).
+            "TMUX_TMPDIR": tmp,
             "LANG": "C.UTF-8",
             "TERM": "dumb",
             "USER": "sandbox",
@@ -76,9 +87,15 @@ def system_mounts() -> list[str]:
     return args
 
 
-def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, runtime_dir: Path) -> list[str]:
+def bwrap_prefix(
+    settings: SandboxSettings, paths: SlotPaths, runtime_dir: Path, network: bool | None = None
+) -> list[str]:
+    """The bubblewrap command line of a slot; ``network`` False gives it only a private
+    loopback (``--unshare-net``). None: the server's setting. A call can only narrow the
+    server's setting, never widen it."""
     bwrap = shutil.which("bwrap") or "bwrap"
-    network = [] if settings.allow_network else ["--unshare-net"]
+    allowed = settings.allow_network and network is not False
+    unshare_net = [] if allowed else ["--unshare-net"]
     return [
         bwrap,
         "--unshare-user",
@@ -86,7 +103,7 @@ def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, runtime_dir: Path)
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-cgroup-try",
-        *network,
+        *unshare_net,
         "--disable-userns",
         "--die-with-parent",
         "--new-session",
@@ -120,19 +137,24 @@ def bwrap_prefix(settings: SandboxSettings, paths: SlotPaths, runtime_dir: Path)
 
 
 def launch_for(
-    settings: SandboxSettings, uid: int | None, paths: SlotPaths, runtime_dir: Path
+    settings: SandboxSettings,
+    uid: int | None,
+    paths: SlotPaths,
+    runtime_dir: Path,
+    network: bool | None = None,
 ) -> Launch:
-    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own).
+    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own), and
+    ``network`` the network mode it runs in (None: the server's; see ``bwrap_prefix``).
 
     The agent is the runtime directory run as a program (``runtime.py``): ``-I`` keeps the
     environment and user site out, ``-S`` skips ``site`` (nothing of it is needed, and every
     slot would carry it).
     """
-    config = json.dumps(agent_config(settings, paths))
+    config = json.dumps(agent_config(settings, paths, network))
     python = settings.slot_python()
     if settings.isolation == "bwrap":
         argv = [
-            *bwrap_prefix(settings, paths, runtime_dir),
+            *bwrap_prefix(settings, paths, runtime_dir, network),
             python,
             "-I",
             "-S",

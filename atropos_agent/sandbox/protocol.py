@@ -32,13 +32,17 @@ class WireModel(BaseModel):
 
 
 class BatchItem(WireModel):
-    """One tool call for one slot."""
+    """One tool call for one slot.
+
+    ``args.allow_network: false`` (the old executor's per-item switch) runs the call without
+    network even on a server that allows it; ``true`` never widens the server's setting.
+    """
 
     slot_id: str
     tool: str
     args: dict[str, Any] = Field(default_factory=dict)
     uniq_id: str | None = Field(default=None, alias="execution_id")
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class BatchResult(WireModel):
@@ -85,6 +89,8 @@ class SlotState(BaseModel):
     pid: int | None = None
     alive: bool = False
     started_at: float | None = None
+    # The network mode the slot's agent runs in (a call may switch it; see docs/sandbox.md).
+    network: bool | None = None
 
 
 class SlotsResponse(BaseModel):
@@ -96,6 +102,14 @@ class SlotRequest(BaseModel):
 
 
 class ResetResponse(BaseModel):
+    """``POST /reset``: the old containers' answer (``success``, ``output``, ``error``,
+    ``metadata``), with ours (``status``, ``slot_id``) beside it. Every field but ``slot_id``
+    has a default, so either side's answer parses."""
+
+    success: bool = True
+    output: str = ""
+    error: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
     status: str = "ok"
     slot_id: str
 

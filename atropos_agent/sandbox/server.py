@@ -1,9 +1,10 @@
 """The sandbox: all slots of one sandbox server, and what a request asks of them.
 
-Validation (a batch with an unknown slot or tool runs none of its items), batches run per
-slot (in order within a slot, slots in parallel), streamed answers, and the descriptions
-``/health`` and ``/slots`` give. The routes (``app.py``) only hand requests to it; each call's
-work happens in its slot (``slot.py``) and that slot's agent (``agent/``).
+Admission (each item of a batch checked alone: one that cannot run gets its failed result,
+every other item runs), batches run per slot (in order within a slot, slots in parallel),
+streamed answers, and the descriptions ``/health`` and ``/slots`` give. The routes
+(``app.py``) only hand requests to it; each call's work happens in its slot (``slot.py``)
+and that slot's agent (``agent/``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from atropos_agent import __version__
-from atropos_agent.errors import InvalidBatch, SandboxStartError, UnknownSlot
+from atropos_agent.errors import SandboxStartError, UnknownSlot
 from atropos_agent.sandbox import uids
 from atropos_agent.sandbox.agent.framing import OP_TOOL
 from atropos_agent.sandbox.agent.results import failure
@@ -40,7 +41,7 @@ from atropos_agent.sandbox.protocol import (
 )
 from atropos_agent.sandbox.runtime import install_runtime
 from atropos_agent.sandbox.settings import SandboxSettings
-from atropos_agent.sandbox.slot import Slot, wipe_dir
+from atropos_agent.sandbox.slot import Call, Slot, wipe_dir
 from atropos_agent.sandbox.tools import SANDBOX_TOOLS
 
 log = logging.getLogger("atropos.sandbox")
@@ -50,6 +51,9 @@ ARTIFACT_TIMEOUT_S = 60.0
 RESULTS = TypeAdapter(list[BatchResult])
 RESULT = TypeAdapter(BatchResult)
 STREAMED = TypeAdapter(StreamedResult)
+ITEMS = TypeAdapter(list[BatchItem])
+# An admitted batch entry: a call to run, or the failed result of an item that cannot run.
+Admitted = BatchItem | BatchResult
 
 
 def batch_result(item: BatchItem, answer: dict[str, Any]) -> BatchResult:
@@ -63,6 +67,32 @@ def batch_result(item: BatchItem, answer: dict[str, Any]) -> BatchResult:
         uniq_id=item.uniq_id,
         metadata=metadata,
     )
+
+
+def refused(message: str, uniq_id: Any, slot_id: str | None) -> BatchResult:
+    """The result of an item that cannot run: its id echoed, and its slot when it is one of
+    this sandbox's (``slot_id`` None otherwise)."""
+    answer = failure(message, **({} if slot_id is None else {"slot_id": slot_id}))
+    return BatchResult(
+        success=False,
+        error=answer["error"],
+        uniq_id=uniq_id if isinstance(uniq_id, str) else None,
+        metadata=answer["metadata"],
+    )
+
+
+def invalid_fields(exc: ValidationError) -> str:
+    """``timeout: Input should be greater than 0 (got -1); tool: Field required``."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "item"
+        value = error.get("input")
+        shown = ""
+        if error["type"] != "missing" and not isinstance(value, dict):
+            text = repr(value)
+            shown = f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+        problems.append(f"{where}: {error['msg']}{shown}")
+    return "; ".join(problems)
 
 
 def check_traversable(path: Path) -> None:
@@ -162,70 +192,113 @@ class Sandbox:
 
     # ---- requests
 
-    def unknown_slot(self, slot_id: str, where: str = "") -> UnknownSlot:
-        last = len(self.slots) - 1
-        return UnknownSlot(f"{where}unknown slot {slot_id!r}: this sandbox has slot_0..slot_{last}")
-
     def slot(self, slot_id: str) -> Slot:
+        """The slot for /reset and /artifacts/*; an unknown one is a 404 there."""
         found = self.slots.get(slot_id)
         if found is None:
-            raise self.unknown_slot(slot_id)
+            last = len(self.slots) - 1
+            raise UnknownSlot(f"unknown slot {slot_id!r}: this sandbox has slot_0..slot_{last}")
         return found
 
     def timeout_for(self, requested: float | None) -> float:
         return min(requested or self.settings.default_timeout_s, self.settings.max_timeout_s)
 
-    def validate(self, items: list[BatchItem]) -> None:
-        """Refuse a batch with an unknown slot or tool before any of it runs."""
-        problems = []
-        for position, item in enumerate(items):
-            if item.slot_id not in self.slots:
-                raise self.unknown_slot(item.slot_id, f"item {position}: ")
-            if item.tool not in SANDBOX_TOOLS:
-                problems.append(f"item {position}: unknown tool {item.tool!r}")
-        if problems:
-            raise InvalidBatch(
-                "; ".join(problems) + f" (tools: {', '.join(sorted(SANDBOX_TOOLS))})"
+    def admit(self, entries: list[dict[str, Any]]) -> list[Admitted]:
+        """Each item of a batch (decoded JSON objects) as a call to run, or, when it cannot
+        run (unknown slot or tool, an invalid field), its failed result: one bad item never
+        refuses the others."""
+        try:
+            items: list[BatchItem] = ITEMS.validate_python(entries)  # every item well-formed
+        except ValidationError:
+            return [self.admit_one(entry) for entry in entries]
+        return [self.check(item) or item for item in items]
+
+    def admit_one(self, entry: dict[str, Any]) -> Admitted:
+        try:
+            item = BatchItem.model_validate(entry)
+        except ValidationError as exc:
+            uniq_id = entry.get("execution_id", entry.get("uniq_id"))
+            slot_id = entry.get("slot_id")
+            known = slot_id if isinstance(slot_id, str) and slot_id in self.slots else None
+            return refused(f"Invalid item: {invalid_fields(exc)}", uniq_id, known)
+        return self.check(item) or item
+
+    def check(self, item: BatchItem) -> BatchResult | None:
+        """The failed result of a well-formed item that cannot run here; None when it can."""
+        if item.slot_id not in self.slots:
+            last = len(self.slots) - 1
+            message = f"Unknown slot: {item.slot_id} (this sandbox has slot_0..slot_{last})"
+            return refused(message, item.uniq_id, None)
+        if item.tool not in SANDBOX_TOOLS:
+            message = f"Unknown tool: {item.tool} (tools: {', '.join(sorted(SANDBOX_TOOLS))})"
+            return refused(message, item.uniq_id, item.slot_id)
+        wanted = item.args.get("allow_network")
+        if wanted is None:
+            return None
+        if not isinstance(wanted, bool):
+            message = f"Invalid item: args.allow_network must be true or false (got {wanted!r})"
+            return refused(message, item.uniq_id, item.slot_id)
+        if not wanted and self.settings.isolation != "bwrap":
+            message = (
+                "network isolation needs bubblewrap: this sandbox runs with --isolation none "
+                "(no network namespace), so a call with allow_network false is not run"
             )
+            return refused(message, item.uniq_id, item.slot_id)
+        return None
+
+    def network_for(self, item: BatchItem) -> bool:
+        """The network mode ``item`` runs in: an item can narrow the server's, never widen it."""
+        return self.settings.allow_network and item.args.get("allow_network") is not False
 
     async def run_batch(
         self,
-        items: list[BatchItem],
+        entries: list[Admitted],
         on_result: Callable[[int, BatchResult], None] | None = None,
     ) -> list[BatchResult]:
-        """Run validated items grouped by slot: in order within a slot, slots in parallel.
+        """Run admitted items grouped by slot: in order within a slot, slots in parallel.
 
-        ``on_result(position, result)`` is called as each item finishes.
+        ``on_result(position, result)`` is called as each item finishes (at once for items
+        that were refused).
         """
         by_slot: dict[str, list[int]] = defaultdict(list)
-        for position, item in enumerate(items):
-            by_slot[item.slot_id].append(position)
-        results: list[BatchResult | None] = [None] * len(items)
+        results: list[BatchResult | None] = [None] * len(entries)
+        items: list[BatchItem | None] = [None] * len(entries)
+        for position, entry in enumerate(entries):
+            if isinstance(entry, BatchItem):
+                items[position] = entry
+                by_slot[entry.slot_id].append(position)
+            else:
+                results[position] = entry
+                if on_result is not None:
+                    on_result(position, entry)
 
         async def run_slot(slot_id: str, positions: list[int]) -> None:
-            requests = []
+            calls = []
             for position in positions:
                 item = items[position]
+                assert item is not None
                 timeout = self.timeout_for(item.timeout)
                 request = {"op": OP_TOOL, "tool": item.tool, "args": item.args, "timeout": timeout}
-                requests.append((request, timeout))
+                calls.append(Call(request, timeout, self.network_for(item)))
 
             def finished(number: int, answer: dict[str, Any]) -> None:
                 position = positions[number]
-                result = results[position] = batch_result(items[position], answer)
+                item = items[position]
+                assert item is not None
+                result = results[position] = batch_result(item, answer)
                 if on_result is not None:
                     on_result(position, result)
 
-            await self.slots[slot_id].call_many(requests, finished)
+            await self.slots[slot_id].call_many(calls, finished)
 
         if len(by_slot) == 1:
             ((slot_id, positions),) = by_slot.items()
             await run_slot(slot_id, positions)
-        else:
+        elif by_slot:
             await asyncio.gather(*(run_slot(s, p) for s, p in by_slot.items()))
         return [result for result in results if result is not None]
 
-    def stream_batch(self, items: list[BatchItem]) -> AsyncIterator[bytes]:
+    def stream_batch(self, items: list[Admitted]) -> AsyncIterator[bytes]:
         """NDJSON lines (``StreamedResult``: ``{"index": i, ...result}``) as items finish.
 
         The batch runs in a task owned by the sandbox: a caller that goes away stops reading,
@@ -243,7 +316,7 @@ class Sandbox:
                 await self.run_batch(items, on_result)
             except Exception as exc:  # every item gets an answer, whatever went wrong
                 for position, item in enumerate(items):
-                    if position not in answered:
+                    if position not in answered and isinstance(item, BatchItem):
                         answer = failure(f"{item.slot_id}: {exc}")
                         finished.put_nowait((position, batch_result(item, answer)))
             finally:

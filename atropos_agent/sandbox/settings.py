@@ -52,6 +52,9 @@ class SandboxSettings(BaseSettings):
     disk_mb: int = Field(default=1024, ge=1, description="workspace + /tmp per slot")
     max_request_bytes: int = Field(default=32 * MIB, ge=1024)
     max_pending_per_slot: int = Field(default=1024, ge=1)
+    # How commands answer: "split" (the old service's form: stdout, then "[stderr]" and
+    # stderr, stripped) or "merged" (both streams interleaved in one pipe, not stripped).
+    terminal_output: Literal["split", "merged"] = "split"
 
     # When the server runs as root, slot N runs as uid slot_uid_base + N: its own process
     # count, and no access to another slot's files even outside the mount namespace.

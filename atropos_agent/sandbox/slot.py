@@ -3,6 +3,10 @@
 Calls to a slot run one at a time in the order received (an ``asyncio.Lock`` is FIFO);
 different slots run in parallel. A slot whose agent dies or stops answering is killed whole
 (every process in it) and started again on the next call; its workspace files are kept.
+
+A slot's agent runs in one network mode at a time. A call that needs the other mode (its item
+said ``allow_network: false`` on a server that allows the network, or the next call did not)
+restarts the agent in that mode first: files are kept, its processes end, the result says so.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from atropos_agent.errors import SandboxStartError, SlotBusy
 from atropos_agent.sandbox.agent.framing import (
@@ -38,6 +42,24 @@ AGENT_START_TIMEOUT_S = 20.0
 AGENT_GRACE_S = 15.0
 # Time an agent gets to clean up after it is asked to stop, before it is killed.
 AGENT_STOP_TIMEOUT_S = 3.0
+
+
+class Call(NamedTuple):
+    """One request for a slot's agent, the time it may take, and the network mode it needs
+    (None: whichever mode the agent runs in, as artifact operations)."""
+
+    request: dict[str, Any]
+    timeout_s: float
+    network: bool | None = None
+
+
+def network_changed(network: bool) -> str:
+    """``metadata.slot_restarted`` of a call that switched its slot's network mode."""
+    mode = "with network" if network else "without network"
+    return (
+        f"network mode changed: the slot's agent was restarted {mode}; its processes "
+        "(stateful shell, tmux, background commands) were stopped, workspace files are kept"
+    )
 
 
 def prepare_dir(path: Path, uid: int | None) -> None:
@@ -112,15 +134,20 @@ class Slot:
         self.started_at: float | None = None
         # Set when the agent was lost, so the next call can say its processes are gone.
         self.lost_reason: str | None = None
+        # The network mode of the slot's agent: the server's, until a call asks otherwise.
+        self.network = settings.allow_network
 
     # ---- life cycle
 
-    async def start(self) -> None:
+    async def start(self, network: bool | None = None) -> None:
+        """Start the agent in network mode ``network`` (None: the mode it last ran in)."""
+        if network is not None:
+            self.network = network
         self.paths.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.paths.root, 0o711)
         prepare_dir(self.paths.workspace, self.uid)
         prepare_dir(self.paths.tmp, self.uid)
-        launch = launch_for(self.settings, self.uid, self.paths, self.runtime_dir)
+        launch = launch_for(self.settings, self.uid, self.paths, self.runtime_dir, self.network)
         self.process = await self._spawn(launch)
         try:
             ready = await asyncio.wait_for(self._receive(), AGENT_START_TIMEOUT_S)
@@ -134,7 +161,12 @@ class Slot:
             await self._kill()
             raise SandboxStartError(f"{self.slot_id}: unexpected first message from agent: {ready}")
         self.started_at = time.time()
-        log.debug("event=slot_started slot=%s pid=%s", self.slot_id, self.process.pid)
+        log.debug(
+            "event=slot_started slot=%s pid=%s network=%s",
+            self.slot_id,
+            self.process.pid,
+            self.network,
+        )
 
     async def _spawn(self, launch: Launch) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -176,25 +208,26 @@ class Slot:
             await asyncio.to_thread(kill_uid_processes, self.uid)
 
     async def reset(self) -> None:
-        """Kill every process of the slot, wipe its workspace and /tmp, start it as new."""
+        """Kill every process of the slot, wipe its workspace and /tmp, start it as new (in
+        the server's network mode)."""
         async with self.lock:
             await self.stop()
             await asyncio.to_thread(wipe_dir, self.paths.workspace)
             await asyncio.to_thread(wipe_dir, self.paths.tmp)
             self.lost_reason = None
-            await self.start()
+            await self.start(self.settings.allow_network)
 
     # ---- calls
 
     async def call(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        return (await self.call_many([(request, timeout_s)]))[0]
+        return (await self.call_many([Call(request, timeout_s)]))[0]
 
     async def call_many(
         self,
-        requests: list[tuple[dict[str, Any], float]],
+        requests: list[Call],
         on_result: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Run requests back to back, holding the slot so no other caller interleaves.
+        """Run calls back to back, holding the slot so no other caller interleaves.
 
         ``on_result(i, result)`` is called as each one finishes, for streaming answers.
         """
@@ -209,8 +242,8 @@ class Slot:
                 self.busy = True
                 try:
                     results = []
-                    for number, (request, timeout_s) in enumerate(requests):
-                        results.append(await self._call_locked(request, timeout_s))
+                    for number, call in enumerate(requests):
+                        results.append(await self._call_locked(call))
                         if on_result is not None:
                             on_result(number, results[-1])
                     return results
@@ -219,14 +252,23 @@ class Slot:
         finally:
             self.pending -= len(requests)
 
-    async def _call_locked(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        restarted_because = None
+    async def _call_locked(self, call: Call) -> dict[str, Any]:
+        request, timeout_s = call.request, call.timeout_s
+        reasons = []
+        switch = call.network is not None and call.network != self.network
         if self.process is None or self.process.returncode is not None:
-            restarted_because = self.lost_reason
+            if self.lost_reason:
+                reasons.append(self.lost_reason)
             if self.process is not None:
                 await self._kill()
-            await self.start()
+            await self.start(call.network)
             self.lost_reason = None
+        elif switch:
+            await self.stop()
+            await self.start(call.network)
+        if switch:
+            log.info("event=slot_network_mode slot=%s network=%s", self.slot_id, self.network)
+            reasons.append(network_changed(self.network))
         self.calls += 1
         try:
             await self._send(request)
@@ -255,8 +297,8 @@ class Slot:
                 "are kept, and the next call starts the slot again",
                 slot_lost=True,
             )
-        if restarted_because:
-            result.setdefault("metadata", {})["slot_restarted"] = restarted_because
+        if reasons:
+            result.setdefault("metadata", {})["slot_restarted"] = "; ".join(reasons)
         return result
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -283,4 +325,5 @@ class Slot:
             pid=self.process.pid if self.process else None,
             alive=self.process is not None and self.process.returncode is None,
             started_at=self.started_at,
+            network=self.network,
         )

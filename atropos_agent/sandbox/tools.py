@@ -30,8 +30,8 @@ def function(
 SANDBOX_TOOL_SCHEMAS: list[dict[str, Any]] = [
     function(
         "terminal",
-        "Run a shell command (bash) in the trajectory's workspace, /workspace. Output is stdout "
-        "and stderr merged; each call starts a fresh shell.",
+        "Run a shell command (bash) in the trajectory's workspace, /workspace. Output is stdout, "
+        "then '[stderr]' and stderr; each call starts a fresh shell.",
         {"command": {"type": "string"}, "timeout": TIMEOUT_PROPERTY},
         ["command"],
     ),
@@ -70,9 +70,68 @@ SANDBOX_TOOL_SCHEMAS: list[dict[str, Any]] = [
         {"code": {"type": "string"}, "timeout": TIMEOUT_PROPERTY},
         ["code"],
     ),
+    function(
+        "tmux",
+        "An interactive terminal (one tmux session per trajectory) for full-screen and "
+        "interactive programs. action 'start' opens it (pane_width x pane_height, default "
+        "200x50; a running session is kept); 'send_keys' types keys (text, or tmux key names "
+        "such as Enter, C-c, Up, Escape); with block: true the keys are run as one command "
+        "line and the call waits until it finished (up to max_wait_s); 'capture' returns the "
+        "screen (capture_entire: true for the whole scroll-back); 'stream' returns the "
+        "asciinema v2 recording's lines written since the last stream (reset: true from the "
+        "start; max_bytes); 'stop' ends the session. An unknown action captures.",
+        {
+            "action": {
+                "type": "string",
+                "enum": ["start", "send_keys", "capture", "stream", "stop"],
+                "description": "What to do; anything else is taken as 'capture'.",
+            },
+            "keys": {
+                "description": "send_keys: text to type, or tmux key names (Enter, C-c, Up, "
+                "Escape, ...), one string or a list sent in order.",
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}},
+                ],
+            },
+            "block": {
+                "type": "boolean",
+                "description": "send_keys: append a completion marker and Enter, and wait "
+                "until the command line finished at the shell prompt (default false).",
+            },
+            "max_wait_s": {
+                "type": "number",
+                "description": "send_keys with block: longest wait in seconds (default and "
+                "upper bound: the call's timeout).",
+            },
+            "min_wait_s": {
+                "type": "number",
+                "description": "send_keys without block: seconds to wait after sending "
+                "(default 0).",
+            },
+            "capture_entire": {
+                "type": "boolean",
+                "description": "capture: the whole scroll-back, not only the visible screen.",
+            },
+            "pane_width": {"type": "integer", "description": "start: columns (default 200)."},
+            "pane_height": {"type": "integer", "description": "start: rows (default 50)."},
+            "reset": {
+                "type": "boolean",
+                "description": "stream: start again from the recording's first line.",
+            },
+            "max_bytes": {
+                "type": "integer",
+                "description": "stream: most bytes of whole lines returned (default: the "
+                "output cap).",
+            },
+            "timeout": TIMEOUT_PROPERTY,
+        },
+        ["action"],
+    ),
 ]
 
-# Names a sandbox accepts: the schemas above plus the old service's alias for `terminal`.
+# Names a sandbox accepts: the schemas above plus the old service's aliases, `bash` for
+# `terminal` and `bash_stateful` for `terminal_stateful` (the old executor's batch items).
 SANDBOX_TOOLS = frozenset(
-    [schema["function"]["name"] for schema in SANDBOX_TOOL_SCHEMAS] + ["bash"]
+    [schema["function"]["name"] for schema in SANDBOX_TOOL_SCHEMAS] + ["bash", "bash_stateful"]
 )

@@ -125,7 +125,7 @@ class FakeSandbox:
         if verb == "sleep":
             await asyncio.sleep(float(rest))
         if verb == "fail":
-            return BatchResult(success=False, error="command exited with status 1")
+            return BatchResult(success=False, error="Exit code: 1")
         output = rest + "\n" if verb == "echo" else ""
         return BatchResult(success=True, output=output, uniq_id=item.uniq_id)
 

@@ -116,8 +116,8 @@ def test_a_sandbox_lost_mid_call_loses_the_workspace_clearly() -> None:
             assert "workspace lost for trajectory 't'" in result.error
             again = await sh(executor, "t", "echo more")
             assert again.metadata["workspace_lost"] is True
-            with pytest.raises(UnknownTrajectory):
-                await executor.read_artifact(ArtifactReadRequest(trajectory_id="t", path="a"))
+            read = await executor.read_artifact(ArtifactReadRequest(trajectory_id="t", path="a"))
+            assert not read.success and "workspace lost for trajectory 't'" in read.error
 
     run(scenario())
 
@@ -132,6 +132,48 @@ def test_no_free_slot_answers_a_clear_failure_in_time() -> None:
             assert time.monotonic() - started < 2.0
             assert result.metadata == {"acquire_timeout": True}
             assert "no free slot within 0.3s" in result.error
+
+    run(scenario())
+
+
+def test_artifacts_of_a_trajectory_without_a_slot_answer_in_the_route_s_shape() -> None:
+    async def scenario() -> None:
+        async with running() as (executor, cluster):
+            read = await executor.read_artifact(ArtifactReadRequest(trajectory_id="x", path="a"))
+            assert read.success is False and read.content == ""
+            assert read.error.startswith("No active slot for trajectory 'x'")
+            assert sandbox_of(cluster).batches == []
+
+    run(scenario())
+
+
+def test_status_counts_slots_by_the_old_service_s_states() -> None:
+    async def scenario() -> None:
+        async with running() as (executor, cluster):
+            sandbox = sandbox_of(cluster)
+            gate = sandbox.gates["echo held"] = asyncio.Event()
+            sandbox.failing_resets.add("slot_0")
+            await sh(executor, "idle", "echo once")  # slot_0, then released: its reset fails
+            await executor.release("idle", reset_workspace=True)
+            held = asyncio.create_task(sh(executor, "busy", "echo held"))  # slot_1, running
+            await asyncio.sleep(0.05)
+            pool = executor.status().pool
+            assert pool["slots_by_state"] == {
+                "available": 0,
+                "acquired": 0,
+                "executing": 1,
+                "releasing": 0,
+                "error": 1,
+            }
+            assert (pool["total_slots"], pool["available_slots"], pool["acquired_slots"]) == (
+                2,
+                0,
+                1,
+            )
+            assert pool["containers"] == 1 and pool["started"] is True
+            gate.set()
+            await held
+            assert executor.status().pool["slots_by_state"]["acquired"] == 1
 
     run(scenario())
 

@@ -14,11 +14,12 @@ Modules, one idea each:
 
 - ``framing``: frames on the pipe and the operation names;
 - ``config``: what the server tells an agent at start, and the limits the agent takes on;
-- ``output``: a command's output, head and tail kept;
+- ``output``: a command's output, stdout and stderr apart or merged, head and tail kept;
 - ``results``: the failure shape, and a command's result read from how it ended;
 - ``workspace``: the path jail, disk use, bounded reads and writes;
 - ``processes``: spawning, supervising and killing commands, reaping orphans;
 - ``shell``: the stateful shell;
+- ``tmux``, ``tmux_keys``, ``recording``: the tmux session, its keys, its recording (on first use);
 - ``tools``: the tools a call can name;
 - ``artifacts``: reading, listing and archiving workspace files;
 - ``main``: the request loop.

@@ -34,6 +34,13 @@ class AgentConfig:
         self.disk_bytes = int(raw["disk_bytes"])
         self.max_processes = int(raw["max_processes"])
         self.memory_bytes = int(raw["memory_bytes"])
+        # "split": stdout, then "[stderr]" and stderr (the old service's form); "merged": both
+        # streams in one pipe, as a terminal shows them (``output.py``).
+        self.split_output = raw.get("terminal_output", "split") != "merged"
+        # Reported in every command's metadata, as the old service did: whether the slot runs
+        # under bubblewrap, and whether this agent's namespace has no network.
+        self.sandboxed = bool(raw.get("sandboxed", False))
+        self.network_isolated = bool(raw.get("network_isolated", False))
         # Everything a command sees of the environment: nothing of the server's leaks in.
         self.env = {str(k): str(v) for k, v in raw["env"].items()}
 

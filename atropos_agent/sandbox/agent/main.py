@@ -24,6 +24,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .tmux import Tmux
+
 
 class Agent:
     """One slot's agent: its config, its workspace, how it runs commands, its stateful shell."""
@@ -33,6 +35,8 @@ class Agent:
         self.workspace = Workspace(config.root, config.scratch, config.disk_bytes)
         self.runner = Runner(config, self.workspace, child_exited_r)
         self.shell = StatefulShell(self.runner)
+        # The tmux session's keeper, made on the first tmux call (agent/tmux.py).
+        self.tmux: Tmux | None = None
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """The answer to one request; a ``ToolError`` becomes a failure with its message."""

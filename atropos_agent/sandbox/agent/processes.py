@@ -13,7 +13,7 @@ import selectors
 import signal
 import time
 
-from .output import OutputCapture
+from .output import CommandOutput, OutputCapture
 from .results import command_result, failure, limits_seen
 
 TYPE_CHECKING = False
@@ -112,19 +112,29 @@ class Runner:
         self.watched: dict[int, Callable[[], None]] = {}
 
     def spawn(
-        self, argv: list[str], stdin_fd: int, out_fd: int, extra: list[Any] | None = None
+        self,
+        argv: list[str],
+        stdin_fd: int,
+        out_fd: int,
+        extra: list[Any] | None = None,
+        env: dict[str, str] | None = None,
+        err_fd: int = -1,
     ) -> int:
-        """Start ``argv`` in a new session, stdout and stderr merged into ``out_fd``."""
+        """Start ``argv`` in a new session, stdout into ``out_fd``, stderr into ``err_fd``
+        (-1: merged into ``out_fd``).
+
+        ``env`` replaces the slot's command environment (``tmux`` adds to it).
+        """
         actions: list[Any] = [
             (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
             (os.POSIX_SPAWN_DUP2, out_fd, 1),
-            (os.POSIX_SPAWN_DUP2, out_fd, 2),
+            (os.POSIX_SPAWN_DUP2, out_fd if err_fd < 0 else err_fd, 2),
             *(extra or []),
         ]
         return os.posix_spawn(
             argv[0],
             argv,
-            self.config.env,
+            self.config.env if env is None else env,
             file_actions=actions,
             setsid=True,
             setsigdef=SIGNALS_RESET_IN_CHILD,
@@ -133,29 +143,46 @@ class Runner:
     def run(
         self, argv: list[str], timeout: float, stdin_data: bytes | None = None
     ) -> dict[str, Any]:
-        """Run one command to its end (or its limit) and answer with its result."""
+        """Run one command to its end (or its limit) and answer with its result.
+
+        Its stdout and stderr are captured apart or merged, as ``terminal_output`` says.
+        """
         started = time.monotonic()
         # Taken before the spawn: whatever starts from here on belongs to this command.
         since = boottime_ticks()
+        output = CommandOutput(self.config.max_output_bytes, self.config.split_output)
         out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe() if output.split else (-1, -1)
         if stdin_data is None:
             in_r, in_w = os.open(os.devnull, os.O_RDONLY), -1
         else:
             in_r, in_w = os.pipe()
         try:
-            pid = self.spawn(argv, in_r, out_w)
+            pid = self.spawn(argv, in_r, out_w, err_fd=err_w)
         except OSError as exc:
-            for fd in (out_r, out_w, in_r, in_w):
+            for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
                 if fd >= 0:
                     os.close(fd)
             return failure(f"could not start {argv[0]}: {exc.strerror}", spawn_error=exc.errno)
-        os.close(out_w)
-        os.close(in_r)
-        capture = OutputCapture(self.config.max_output_bytes)
+        for fd in (out_w, err_w, in_r):
+            if fd >= 0:
+                os.close(fd)
         try:
-            outcome = self.supervise(pid, out_r, in_w, stdin_data or b"", capture, timeout, started)
+            outcome = self.supervise(
+                pid,
+                out_r,
+                in_w,
+                stdin_data or b"",
+                output.stdout,
+                timeout,
+                started,
+                err_r=err_r,
+                err_capture=output.stderr,
+            )
         finally:
             os.close(out_r)
+            if err_r >= 0:
+                os.close(err_r)
         if outcome.limit_hit:
             # The kill reaps the command too: its exit status is "killed", not a code.
             killed = self.kill_tree(pid, since)
@@ -164,7 +191,7 @@ class Runner:
             killed = 0
             exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         self.reap()
-        return self.finish(capture, exit_code, outcome.limit_hit, killed, started)
+        return self.finish(output, exit_code, outcome.limit_hit, killed, started, timeout)
 
     def supervise(
         self,
@@ -176,15 +203,24 @@ class Runner:
         timeout: float,
         started: float,
         done_r: int = -1,
+        *,
+        err_r: int = -1,
+        err_capture: OutputCapture | None = None,
     ) -> Outcome:
         """Pump output until the command finishes, times out, or exceeds the disk bound.
 
         A command has finished when its process exits, or, with ``done_r`` (the stateful
-        shell's status pipe), when a status line arrives there.
+        shell's status pipe), when a status line arrives there. With ``err_r``, stderr comes
+        apart from stdout and goes to ``err_capture``.
         """
         pidfd = os.pidfd_open(pid)
         selector = selectors.DefaultSelector()
-        selector.register(out_r, selectors.EVENT_READ, "out")
+        # Each output pipe with the capture it feeds; both are drained once the command ends.
+        streams = {out_r: capture}
+        if err_r >= 0 and err_capture is not None:
+            streams[err_r] = err_capture
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ, "out")
         selector.register(pidfd, selectors.EVENT_READ, "exit")
         if self.child_exited_r >= 0:
             selector.register(self.child_exited_r, selectors.EVENT_READ, "child")
@@ -197,7 +233,8 @@ class Runner:
             selector.register(in_w, selectors.EVENT_WRITE, "in")
         deadline = started + timeout
         next_disk_check = started + DISK_POLL_S
-        exited = finished = out_eof = False
+        exited = finished = False
+        open_streams = set(streams)
         limit_hit: list[str] = []
         status_line = b""
         try:
@@ -214,12 +251,13 @@ class Runner:
                 wait = min(deadline, next_disk_check) - now
                 for key, _ in selector.select(wait):
                     if key.data == "out":
-                        data = os.read(out_r, 65536)
+                        fd = key.fd
+                        data = os.read(fd, 65536)
                         if data:
-                            capture.feed(data)
+                            streams[fd].feed(data)
                         else:
-                            out_eof = True
-                            selector.unregister(out_r)
+                            open_streams.discard(fd)
+                            selector.unregister(fd)
                     elif key.data == "exit":
                         exited = True
                         selector.unregister(pidfd)
@@ -246,8 +284,8 @@ class Runner:
                             in_w = -1
                 if exited:
                     finished = True
-            if not out_eof:
-                drain(out_r, capture)
+            for fd in open_streams:
+                drain(fd, streams[fd])
         finally:
             selector.close()
             os.close(pidfd)
@@ -257,20 +295,21 @@ class Runner:
 
     def finish(
         self,
-        capture: OutputCapture,
+        output: CommandOutput,
         exit_code: int | None,
         limit_hit: list[str],
         killed: int,
         started: float,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """The result of a command that ended: its limits read, the disk bound enforced."""
-        limit_hit = limit_hit + limits_seen(capture, exit_code, killed, self.config)
+        limit_hit = limit_hit + limits_seen(output, exit_code, killed, self.config)
         if self.workspace.disk_usage() > self.workspace.disk_limit:
             limit_hit.append("disk")
             # A writer left running in the background would go on filling the disk: stop
             # every process of the slot (the stateful shell restarts on its next call).
             killed += self.kill_tree(os.getpid(), 0)
-        return command_result(capture, exit_code, limit_hit, killed, started, self.config)
+        return command_result(output, exit_code, limit_hit, killed, started, self.config, timeout)
 
     def reap(self, keep: int = -1) -> None:
         """Collect exit statuses of re-parented orphans so they do not linger as zombies.

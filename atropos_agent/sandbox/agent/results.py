@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .config import AgentConfig
-    from .output import OutputCapture
+    from .output import CommandOutput
 
 MEMORY_MARKERS = (
     b"memoryerror",
@@ -45,12 +45,12 @@ def failure(message: str, **metadata: Any) -> dict[str, Any]:
 
 
 def limits_seen(
-    capture: OutputCapture, exit_code: int | None, killed: int, config: AgentConfig
+    output: CommandOutput, exit_code: int | None, killed: int, config: AgentConfig
 ) -> list[str]:
-    """Limits a finished command shows it hit, from its output and how it ended."""
-    seen = ["output"] if capture.truncated else []
+    """Limits a finished command shows it hit, from its output (both streams) and its end."""
+    seen = ["output"] if output.truncated else []
     if exit_code not in (0, None) or killed:
-        lowered = capture.lowered()
+        lowered = output.lowered()
         if any(marker in lowered for marker in MEMORY_MARKERS):
             seen.append("memory")
         # A fork bomb's kill reaches about the whole process limit.
@@ -62,20 +62,30 @@ def limits_seen(
 
 
 def command_result(
-    capture: OutputCapture,
+    output: CommandOutput,
     exit_code: int | None,
     limit_hit: list[str],
     killed: int,
     started: float,
     config: AgentConfig,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    """The answer to a command; ``exit_code`` is None when it was killed for a limit."""
+    """The answer to a command, in the old service's shape with ours beside it.
+
+    ``exit_code`` is None when the command was killed for a limit (reported as ``-1``, as
+    the old service did); ``timeout`` is the one asked for, named in the timeout's error.
+    """
     metadata: dict[str, Any] = {
-        "exit_code": exit_code,
+        "exit_code": -1 if exit_code is None else exit_code,
+        "sandboxed": config.sandboxed,
+        "network_isolated": config.network_isolated,
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
-        "truncated": capture.truncated,
-        "output_bytes": capture.total,
+        "truncated": output.truncated,
+        "output_bytes": output.total,
     }
+    if output.stderr is not None:
+        metadata["stdout_bytes"] = output.stdout.total
+        metadata["stderr_bytes"] = output.stderr.total
     if exit_code is not None and exit_code < 0:
         # Killed by a signal: reported as a shell would ($? = 128 + signal).
         metadata["signal"] = -exit_code
@@ -87,17 +97,19 @@ def command_result(
         metadata["limit_hit"] = limit_hit
     error = ""
     if "timeout" in limit_hit:
+        metadata["timeout"] = True
         metadata["timed_out"] = True
-        error = f"command timed out after {metadata['duration_ms'] / 1000:.1f}s and was killed"
+        asked = timeout if timeout is not None else metadata["duration_ms"] / 1000
+        error = f"Command timed out after {asked:g}s"
     elif "disk" in limit_hit:
         error = (
             f"workspace disk limit of {config.disk_bytes // MIB} MiB exceeded; "
             "every process of the slot was stopped; delete files to continue"
         )
-    elif metadata["exit_code"] not in (0, None):
-        error = f"command exited with status {metadata['exit_code']}"
+    elif metadata["exit_code"] != 0:
+        error = f"Exit code: {metadata['exit_code']}"
     if "memory" in limit_hit:
         error += f" (memory limit of {config.memory_bytes // MIB} MiB per command)"
     if "processes" in limit_hit:
         error += f" (process limit of {config.max_processes} per slot)"
-    return {"success": not error, "output": capture.text(), "error": error, "metadata": metadata}
+    return {"success": not error, "output": output.text(), "error": error, "metadata": metadata}

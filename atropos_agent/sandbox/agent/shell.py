@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from .output import OutputCapture
+from .output import CommandOutput
 from .processes import boottime_ticks
 from .results import ToolError
 
@@ -39,6 +39,8 @@ class StatefulShell:
         self.pid = -1
         self.stdin_w = -1
         self.out_r = -1
+        # The shell's stderr, apart from its stdout in the split form (-1: merged).
+        self.err_r = -1
         self.status_r = -1
         self.status_fd = STATUS_FD_SH
         # Set when the shell was lost, so the next call can report that its state is gone.
@@ -46,10 +48,10 @@ class StatefulShell:
 
     def close(self) -> None:
         self.runner.watched.pop(self.pid, None)
-        for fd in (self.stdin_w, self.out_r, self.status_r):
+        for fd in (self.stdin_w, self.out_r, self.err_r, self.status_r):
             if fd >= 0:
                 os.close(fd)
-        self.pid = self.stdin_w = self.out_r = self.status_r = -1
+        self.pid = self.stdin_w = self.out_r = self.err_r = self.status_r = -1
 
     def start(self) -> None:
         shell = self.runner.config.shell
@@ -57,15 +59,22 @@ class StatefulShell:
         status_fd = STATUS_FD_BASH if bash else STATUS_FD_SH
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe() if self.runner.config.split_output else (-1, -1)
         status_r, status_w = os.pipe()
         argv = [shell, "--noprofile", "--norc"] if bash else [shell]
         try:
             extra = [(os.POSIX_SPAWN_DUP2, status_w, status_fd)]
-            self.pid = self.runner.spawn(argv, in_r, out_w, extra)
+            self.pid = self.runner.spawn(argv, in_r, out_w, extra, err_fd=err_w)
+        except OSError:
+            for fd in (in_w, out_r, err_r, status_r):
+                if fd >= 0:
+                    os.close(fd)
+            raise
         finally:
-            for fd in (in_r, out_w, status_w):
-                os.close(fd)
-        self.stdin_w, self.out_r, self.status_r = in_w, out_r, status_r
+            for fd in (in_r, out_w, err_w, status_w):
+                if fd >= 0:
+                    os.close(fd)
+        self.stdin_w, self.out_r, self.err_r, self.status_r = in_w, out_r, err_r, status_r
         self.status_fd = status_fd
         # Killing the whole slot (disk bound) reaps the shell too: then it is gone for us.
         self.runner.watched[self.pid] = self.close
@@ -86,10 +95,19 @@ class StatefulShell:
         except BrokenPipeError:
             self.kill(since)
             raise ToolError("the stateful shell died; the next call starts a new one") from None
-        capture = OutputCapture(runner.config.max_output_bytes)
+        output = CommandOutput(runner.config.max_output_bytes, self.err_r >= 0)
         pid = self.pid
         outcome = runner.supervise(
-            pid, self.out_r, -1, b"", capture, timeout, started, done_r=self.status_r
+            pid,
+            self.out_r,
+            -1,
+            b"",
+            output.stdout,
+            timeout,
+            started,
+            done_r=self.status_r,
+            err_r=self.err_r,
+            err_capture=output.stderr,
         )
         limit_hit = outcome.limit_hit
         status_text = outcome.status_line.decode(errors="replace").strip()
@@ -110,7 +128,8 @@ class StatefulShell:
             self.close()
             self.restarted = True
         runner.reap()
-        result = runner.finish(capture, exit_code, limit_hit, killed, started)
+        result = runner.finish(output, exit_code, limit_hit, killed, started, timeout)
+        result["metadata"]["stateful"] = True
         result["metadata"]["shell_restarted"] = restarted
         if shell_exited:
             result["metadata"]["shell_exited"] = True

@@ -1,12 +1,12 @@
 """The tools a call can name: each checks its arguments, then works through the agent's parts.
 
-The server refuses unknown tool names before a batch runs (``sandbox/tools.py`` lists them with
-their schemas); this table is what the agent actually does for each.
+The server fails an item naming an unknown tool before it reaches a slot (``sandbox/tools.py``
+lists the names with their schemas); this table is what the agent actually does for each.
 """
 
 from __future__ import annotations
 
-from .results import ToolError
+from .results import ToolError, failure
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 
 def command_argument(args: dict[str, Any]) -> str:
+    """The command to run; an empty one runs (and succeeds), as in the old service."""
     command = args.get("command")
-    if not isinstance(command, str) or not command.strip():
-        raise ToolError("'command' must be a non-empty string")
+    if not isinstance(command, str):
+        raise ToolError("'command' must be a string")
     return command
 
 
@@ -36,7 +37,10 @@ def terminal(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, An
 
 
 def terminal_stateful(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    return agent.shell.run(command_argument(args), timeout)
+    try:
+        return agent.shell.run(command_argument(args), timeout)
+    except ToolError as exc:
+        return failure(str(exc), stateful=True)
 
 
 def python(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -56,6 +60,7 @@ def read_file(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, A
         "error": "",
         "metadata": {
             "path": workspace.relative(real),
+            "size": size,  # the old service's name: the file's size
             "bytes": len(data),
             "file_size": size,
             "truncated": truncated,
@@ -64,7 +69,10 @@ def read_file(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, A
 
 
 def write_file(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    # No content writes an empty file, as in the old service.
     content = args.get("content")
+    if content is None:
+        content = ""
     if not isinstance(content, str):
         raise ToolError("'content' must be a string")
     data = content.encode()
@@ -74,11 +82,12 @@ def write_file(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, 
     workspace = agent.workspace
     real = workspace.resolve(args.get("path"), for_write=True)
     workspace.write_bytes(real, data)
+    name = workspace.relative(real)
     return {
         "success": True,
-        "output": f"wrote {len(data)} bytes to {workspace.relative(real)}",
+        "output": f"Successfully wrote {len(data)} bytes to {name}",
         "error": "",
-        "metadata": {"path": workspace.relative(real), "bytes": len(data)},
+        "metadata": {"path": name, "size": len(data), "bytes": len(data)},
     }
 
 
@@ -119,12 +128,20 @@ def edit_file(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, A
     }
 
 
+def tmux(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    from .tmux import tmux as run  # on first use: an idle slot does not carry it
+
+    return run(agent, args, timeout)
+
+
 TOOLS: dict[str, Tool] = {
     "terminal": terminal,
     "bash": terminal,  # the old service's name for it
     "terminal_stateful": terminal_stateful,
+    "bash_stateful": terminal_stateful,  # the old executor's name for it
     "read_file": read_file,
     "write_file": write_file,
     "edit_file": edit_file,
     "python": python,
+    "tmux": tmux,
 }

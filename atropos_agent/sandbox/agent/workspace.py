@@ -15,7 +15,7 @@ from .results import ToolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, BinaryIO
 
 MIB = 1024 * 1024
 # The workspace's name inside a slot, as commands and callers see it.
@@ -54,6 +54,8 @@ class Workspace:
         if not self.inside(real):
             raise ToolError(f"path {path!r} leads out of the workspace through a symlink")
         if for_write:
+            if real == self.root:
+                raise ToolError(f"{WORKSPACE_IN_SLOT} is a directory")
             parent = os.path.dirname(real)
             os.makedirs(parent, exist_ok=True)
             if not self.inside(os.path.realpath(parent)):
@@ -66,6 +68,10 @@ class Workspace:
     def relative(self, real: str) -> str:
         """How a caller names ``real``: relative to the workspace."""
         return os.path.relpath(real, self.root)
+
+    def display(self, real: str) -> str:
+        """How an error names ``real``: relative, or ``/workspace`` for the workspace itself."""
+        return WORKSPACE_IN_SLOT if real == self.root else self.relative(real)
 
     def disk_usage(self) -> int:
         """Bytes allocated under the workspace and scratch (symlinks are not followed)."""
@@ -87,28 +93,41 @@ class Workspace:
                 continue
         return used
 
-    def read_bytes(self, real: str, limit: int) -> tuple[bytes, int, bool]:
-        """At most ``limit`` bytes of a regular file: (data, file size, truncated)."""
+    def open_file(self, real: str) -> BinaryIO:
+        """A regular file opened for reading; a clear error for a directory or anything else.
+
+        The one place tools and artifacts open a file to read it: no symlink is followed,
+        and a FIFO planted in the workspace does not hang the agent on open.
+        """
+        name = self.display(real)
         try:
-            # O_NONBLOCK: a FIFO planted in the workspace must not hang the agent on open.
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
-            raise ToolError(f"no such file: {self.relative(real)}") from None
+            raise ToolError(f"no such file: {name}") from None
+        except IsADirectoryError:
+            raise ToolError(f"{name} is a directory") from None
         except OSError as exc:
-            raise ToolError(f"cannot open {self.relative(real)}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if stat.S_ISDIR(info.st_mode):
-                raise ToolError(f"{self.relative(real)} is a directory")
-            if not stat.S_ISREG(info.st_mode):
-                raise ToolError(f"{self.relative(real)} is not a regular file")
-            data = handle.read(limit + 1)
-        return data[:limit], info.st_size, len(data) > limit
+            raise ToolError(f"cannot open {name}: {exc.strerror}") from None
+        # Checked on the descriptor, before ``fdopen``, which refuses a directory itself.
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ToolError(f"{name} is a directory")
+        raise ToolError(f"{name} is not a regular file")
+
+    def read_bytes(self, real: str, limit: int) -> tuple[bytes, int, bool]:
+        """At most ``limit`` bytes of a regular file: (data, file size, truncated)."""
+        with self.open_file(real) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            data = read_at_most(handle, limit + 1, self.relative(real))
+        return data[:limit], size, len(data) > limit
 
     def write_bytes(self, real: str, data: bytes) -> None:
         """Replace a file's content, refused when it would take the slot over its disk bound."""
         if os.path.isdir(real):
-            raise ToolError(f"{self.relative(real)} is a directory")
+            raise ToolError(f"{self.display(real)} is a directory")
         used = self.disk_usage()
         existing = os.lstat(real).st_size if os.path.lexists(real) else 0
         if used - existing + len(data) > self.disk_limit:
@@ -121,5 +140,16 @@ class Workspace:
             fd = os.open(real, flags, 0o644)
         except OSError as exc:
             raise ToolError(f"cannot write {self.relative(real)}: {exc.strerror}") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:  # the file size limit, a full disk
+            raise ToolError(f"cannot write {self.relative(real)}: {exc.strerror}") from None
+
+
+def read_at_most(handle: BinaryIO, size: int, name: str) -> bytes:
+    """Up to ``size`` bytes of an open file; a read error becomes a clear tool error."""
+    try:
+        return handle.read(size)
+    except OSError as exc:
+        raise ToolError(f"cannot read {name}: {exc.strerror}") from None
