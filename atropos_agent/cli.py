@@ -6,14 +6,11 @@ import argparse
 import logging
 import sys
 
-import uvicorn
 from pydantic import ValidationError
 
+from atropos_agent import serving
 from atropos_agent.executor.settings import ExecutorSettings
 from atropos_agent.web import describe_settings_error
-
-KEEP_ALIVE_S = 75
-GRACEFUL_SHUTDOWN_S = 15
 
 
 def serve(argv: list[str]) -> None:
@@ -51,9 +48,7 @@ def serve(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    serving.log_events(args.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     try:
         settings = ExecutorSettings(**overrides)
@@ -62,17 +57,16 @@ def serve(argv: list[str]) -> None:
         sys.exit(f"atropos-tool-executor: invalid setting: {reason}")
     from atropos_agent.executor.app import create_app
 
-    uvicorn.run(
+    serving.run(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        settings.host,
+        settings.port,
+        settings.connections(),
         log_level=args.log_level,
         access_log=False,
-        # Longer than clients' idle keep-alive, so that a client never reuses a connection the
-        # server is closing at that moment (a race that fails the request).
-        timeout_keep_alive=KEEP_ALIVE_S,
-        # On SIGTERM, calls in flight get this long; then the pool is stopped regardless.
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # The executor answers calls in flight when its grace ends (Executor.begin_shutdown);
+        # this is the server's own backstop a second later.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s + 1.999),
     )
 
 

@@ -11,6 +11,11 @@
 raise ``ExecutorError`` with the service's message; a tool that failed is not an error, it is a
 ``ToolResult`` with ``success`` false.
 
+What is safe to retry is retried (``retries`` times, with back-off): a request that never
+reached the service (connection refused), a 503 that says when to come back (``Retry-After``:
+the service ran nothing), and any transport failure of a request that only reads. A call that
+may have reached the service and run is never sent twice.
+
 Laid out as httpx lays out its own clients: ``BaseClient`` knows, for every route, the request
 to send and what its answer becomes (a ``Call``); ``ExecutorClient`` and
 ``AsyncExecutorClient`` only send it, one over ``httpx.Client``, the other over
@@ -19,6 +24,9 @@ to send and what its answer becomes (a ``Call``); ``ExecutorClient`` and
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -42,6 +50,12 @@ __all__ = ["AsyncExecutorClient", "BaseClient", "Call", "ExecutorClient", "Execu
 
 # The HTTP read timeout covers the longest command the service honours, plus its grace.
 READ_TIMEOUT_S = MAX_TIMEOUT_S + 90
+RETRIES = 3
+# The longest wait a Retry-After may impose before the next attempt.
+MAX_RETRY_WAIT_S = 10.0
+# Connections idle longer than this are not reused: well under the service's keep-alive (75 s)
+# and any proxy's, so that no request goes out on a connection being closed.
+KEEPALIVE_EXPIRY_S = 4.0
 
 T = TypeVar("T")
 A = TypeVar("A", ArtifactReadResponse, ArtifactListResponse, ArtifactArchiveResponse)
@@ -55,6 +69,8 @@ class Call(Generic[T]):
     path: str
     body: dict[str, Any] | None
     parse: Callable[[Any], T]
+    # Only reads: sending it twice does no harm.
+    reads_only: bool = False
 
     def answer(self, response: httpx.Response) -> T:
         """The parsed answer; ``ExecutorError`` when the service refused the request."""
@@ -79,13 +95,39 @@ def batch_results(answer: Any) -> list[ToolResult]:
 
 
 class BaseClient:
-    """What both clients share: the service's address and credentials, and for each route the
-    ``Call`` (method, path, body, and the model its answer becomes). Subclasses only send."""
+    """What both clients share: the service's address and credentials, for each route the
+    ``Call`` (method, path, body, and the model its answer becomes), and when to retry one.
+    Subclasses only send."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, retries: int = RETRIES) -> None:
         self.url = url
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = httpx.Timeout(30.0, read=READ_TIMEOUT_S)
+        self.limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        self.retries = retries
+
+    def _retry_delay(
+        self, call: Call[Any], attempt: int, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
+        """Seconds to wait before sending ``call`` again, or None to give ``outcome`` back."""
+        if attempt >= self.retries:
+            return None
+        backoff: float = 0.1 * 2**attempt
+        if isinstance(outcome, httpx.Response):
+            after = outcome.headers.get("retry-after", "")
+            if outcome.status_code != 503 or not after.isdigit():
+                return None
+            return float(min(max(float(after), backoff), MAX_RETRY_WAIT_S))
+        never_sent = isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout)
+        if never_sent or (call.reads_only and not isinstance(outcome, httpx.TimeoutException)):
+            return backoff
+        return None
+
+    @staticmethod
+    def _finish(call: Call[T], outcome: httpx.Response | httpx.TransportError) -> T:
+        if isinstance(outcome, httpx.TransportError):
+            raise outcome
+        return call.answer(outcome)
 
     def _execute(
         self,
@@ -110,18 +152,30 @@ class BaseClient:
         route: str, answer: type[A], trajectory_id: str, path: str, options: dict[str, Any]
     ) -> Call[A]:
         body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return Call("POST", f"/artifacts/{route}", body, answer.model_validate)
+        return Call("POST", f"/artifacts/{route}", body, answer.model_validate, reads_only=True)
 
     def _status(self) -> Call[StatusResponse]:
-        return Call("GET", "/status", None, StatusResponse.model_validate)
+        return Call("GET", "/status", None, StatusResponse.model_validate, reads_only=True)
 
 
 class ExecutorClient(BaseClient):
     """The executor's routes over a blocking ``httpx.Client``."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
-        super().__init__(url, token)
-        self.http = httpx.Client(base_url=url, headers=self.headers, timeout=self.timeout)
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        retries: int = RETRIES,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, token, retries)
+        self.http = httpx.Client(
+            base_url=url,
+            headers=self.headers,
+            timeout=self.timeout,
+            limits=self.limits,
+            transport=transport,
+        )
 
     def __enter__(self) -> ExecutorClient:
         return self
@@ -133,7 +187,17 @@ class ExecutorClient(BaseClient):
         self.http.close()
 
     def _send(self, call: Call[T]) -> T:
-        return call.answer(self.http.request(call.method, call.path, json=call.body))
+        for attempt in itertools.count():
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = self.http.request(call.method, call.path, json=call.body)
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = self._retry_delay(call, attempt, outcome)
+            if delay is None:
+                break
+            time.sleep(delay)
+        return self._finish(call, outcome)
 
     def execute(
         self,
@@ -183,9 +247,21 @@ class ExecutorClient(BaseClient):
 class AsyncExecutorClient(BaseClient):
     """The executor's routes as coroutines over ``httpx.AsyncClient``."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
-        super().__init__(url, token)
-        self.http = httpx.AsyncClient(base_url=url, headers=self.headers, timeout=self.timeout)
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        retries: int = RETRIES,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, token, retries)
+        self.http = httpx.AsyncClient(
+            base_url=url,
+            headers=self.headers,
+            timeout=self.timeout,
+            limits=self.limits,
+            transport=transport,
+        )
 
     async def __aenter__(self) -> AsyncExecutorClient:
         return self
@@ -197,7 +273,17 @@ class AsyncExecutorClient(BaseClient):
         await self.http.aclose()
 
     async def _send(self, call: Call[T]) -> T:
-        return call.answer(await self.http.request(call.method, call.path, json=call.body))
+        for attempt in itertools.count():
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = await self.http.request(call.method, call.path, json=call.body)
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = self._retry_delay(call, attempt, outcome)
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+        return self._finish(call, outcome)
 
     async def execute(
         self,

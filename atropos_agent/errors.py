@@ -8,6 +8,7 @@ Both servers turn any ``AtroposError`` into ``{"error": message}`` with that sta
     AtroposError
     ├── RequestRefused          the caller asked for something that cannot be done now
     │   ├── QueueFull               503: too many calls in the service
+    │   ├── ShuttingDown            503: the service is stopping; retry on its successor
     │   ├── UnknownTrajectory       404: the trajectory holds no lease
     │   ├── TrajectoryBusy          409: a release waited too long for a running call
     │   ├── NoFreeSlot              503: no slot became free within the acquire timeout
@@ -57,6 +58,13 @@ class QueueFull(RequestRefused):
 
     status_code = 503
     retry_after = 1
+
+
+class ShuttingDown(RequestRefused):
+    """The service is stopping and takes no new calls."""
+
+    status_code = 503
+    retry_after = 2
 
 
 class UnknownTrajectory(RequestRefused):

@@ -7,10 +7,11 @@ docs/protocol.md): add fields, never rename or remove them.
 from __future__ import annotations
 
 import math
+import re
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # The protocol's timeout rule: ``timeout_s``, else a numeric ``arguments.timeout``, clamped.
 MIN_TIMEOUT_S = 1.0
@@ -18,15 +19,71 @@ MAX_TIMEOUT_S = 600.0
 DEFAULT_TIMEOUT_S = 30.0
 
 
+# ---- what a request may hold (docs/protocol.md, "Input rules"): ids short and printable,
+# paths without NUL, arguments not nested without end. A request over a bound is refused
+# with 422 naming the field, before anything runs.
+
+# An id (trajectory, call, tool, slot) is a name, not data: room for a uuid and a prefix or
+# two, printable so that logs, errors and /trajectories show it as it is.
+MAX_ID_CHARS = 256
+# Linux's PATH_MAX: no longer path can be opened.
+MAX_PATH_CHARS = 4096
+# Nesting of a call's arguments: far beyond what a tool reads, well within what every JSON
+# encoder on the path takes (pydantic-core's stops near 255 levels, Python's json near 1000).
+MAX_ARGUMENT_DEPTH = 64
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+CONTAINERS = (dict, list)
+
+
+def printable(value: str) -> str:
+    # isprintable() is the cheap common case; it also refuses harmless characters (NBSP).
+    if not value.isprintable() and CONTROL_CHARACTER.search(value) is not None:
+        raise ValueError("must not contain control characters (NUL, U+0001..U+001F, DEL)")
+    return value
+
+
+def without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def nested_at_most(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` when its containers nest at most ``MAX_ARGUMENT_DEPTH`` levels."""
+    level: list[Any] = [child for child in value.values() if isinstance(child, CONTAINERS)]
+    depth = 1
+    while level:  # empty at once for the common flat arguments
+        depth += 1
+        if depth > MAX_ARGUMENT_DEPTH:
+            raise ValueError(f"must not nest deeper than {MAX_ARGUMENT_DEPTH} levels")
+        level = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, CONTAINERS)
+        ]
+    return value
+
+
+# Text of an id that may be empty (a tool's name: an empty one is an unknown tool).
+IdText = Annotated[str, Field(max_length=MAX_ID_CHARS), AfterValidator(printable)]
+# An id that names something, so it cannot be empty.
+Identifier = Annotated[IdText, Field(min_length=1)]
+# A path inside a workspace, as the caller writes it.
+PathText = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(without_nul)]
+# A tool call's arguments: free, as the model wrote them, but of bounded depth.
+Arguments = Annotated[dict[str, Any], AfterValidator(nested_at_most)]
+
+
 def new_call_id() -> str:
     return uuid.uuid4().hex
 
 
 class ToolCall(BaseModel):
-    name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
+    name: IdText
+    arguments: Arguments = Field(default_factory=dict)
     # The old service required an id; a missing one is generated so results can still be matched.
-    uniq_id: str = Field(default_factory=new_call_id)
+    uniq_id: IdText = Field(default_factory=new_call_id)
 
 
 class ToolResult(BaseModel):
@@ -84,27 +141,27 @@ class ArtifactArchiveResponse(BaseModel):
 
 
 class ArtifactReadFields(BaseModel):
-    path: str
+    path: PathText
     encoding: Literal["text", "base64"] = "text"
     max_bytes: int | None = Field(default=None, ge=0)
     include_sha256: bool = False
 
 
 class ArtifactListFields(BaseModel):
-    path: str = "."
+    path: PathText = "."
     recursive: bool = False
     max_entries: int | None = Field(default=None, ge=0)
 
 
 class ArtifactArchiveFields(BaseModel):
-    path: str = "."
+    path: PathText = "."
     format: Literal["tar.gz", "tgz"] = "tar.gz"
     max_bytes: int | None = Field(default=None, ge=0)
     max_entries: int | None = Field(default=None, ge=0)
 
 
 class ExecuteRequest(BaseModel):
-    trajectory_id: str = Field(min_length=1)
+    trajectory_id: Identifier
     tool: ToolCall
     timeout_s: float | None = None
 
@@ -120,7 +177,8 @@ class ExecuteBatchResponse(BaseModel):
 
 
 class ReleaseRequest(BaseModel):
-    trajectory_id: str
+    # Non-empty like every trajectory id: an empty one can never have held a lease.
+    trajectory_id: Identifier
     reset_workspace: bool = False
 
 
@@ -178,15 +236,15 @@ class TrajectoriesResponse(BaseModel):
 
 
 class ArtifactReadRequest(ArtifactReadFields):
-    trajectory_id: str
+    trajectory_id: Identifier
 
 
 class ArtifactListRequest(ArtifactListFields):
-    trajectory_id: str
+    trajectory_id: Identifier
 
 
 class ArtifactArchiveRequest(ArtifactArchiveFields):
-    trajectory_id: str
+    trajectory_id: Identifier
 
 
 def effective_timeout(timeout_s: float | None, arguments_timeout: object) -> float:
@@ -195,7 +253,8 @@ def effective_timeout(timeout_s: float | None, arguments_timeout: object) -> flo
     if timeout_s is not None:
         chosen = timeout_s
     elif isinstance(arguments_timeout, int | float) and not isinstance(arguments_timeout, bool):
-        chosen = float(arguments_timeout)
+        # An int beyond any float (10**400) is longer than any timeout.
+        chosen = float(min(max(arguments_timeout, -MAX_TIMEOUT_S), MAX_TIMEOUT_S))
     if math.isnan(chosen):
         chosen = DEFAULT_TIMEOUT_S
     return min(max(chosen, MIN_TIMEOUT_S), MAX_TIMEOUT_S)

@@ -220,17 +220,32 @@ def start_executor(
     args: Sequence[str] = (),
     wait: bool = True,
     timeout_s: float = 90,
+    port: int | None = None,
+    state_dir: Path | None = None,
+    pool_in_state_dir: bool = False,
+    app_path: str | None = None,
 ) -> ExecutorServer:
     """Start ``atropos-tool-executor serve``; ``env`` holds its ``TOOL_EXECUTOR_*`` settings,
     over ``defaults``, and none of this shell's.
 
     With ``backend="nomad"`` its pool runs on ``nomad`` (a double the caller owns), or on a
     double of its own that stops with it. With ``wait``, returns once it is healthy.
+
+    It listens on ``port`` (default: a free one). Its state directory (lease journal, pool
+    dirs) is ``state_dir``, which the caller owns (an executor started again on the same port
+    and state dir is the same service to trainers), else one in its own directory. Its pool's
+    data dir is in its own directory too, unless ``pool_in_state_dir`` leaves it to the
+    executor, as in production (``pool-*`` under the state dir).
+
+    With ``app_path`` (``module:app``) it runs as plain ``uvicorn app_path`` instead, with
+    uvicorn's own defaults, as deployments that serve the app that way do.
     """
     directory = traversable_dir()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TOOL_EXECUTOR_")}
     full_env.update(defaults)
-    full_env["TOOL_EXECUTOR_SANDBOX_DATA_DIR"] = str(directory / "pool")
+    if not pool_in_state_dir:
+        full_env["TOOL_EXECUTOR_SANDBOX_DATA_DIR"] = str(directory / "pool")
+    full_env["TOOL_EXECUTOR_STATE_DIR"] = str(state_dir or directory / "state")
     if token:
         full_env["TOOL_EXECUTOR_TOKEN"] = token
     owned = None
@@ -239,8 +254,10 @@ def start_executor(
             nomad = owned = start_nomad_double()
         full_env.update(nomad_settings(nomad))
     full_env.update(env or {})
-    port = free_port()
+    port = port or free_port()
     argv = [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(port), *args]
+    if app_path is not None:
+        argv = [sys.executable, "-m", "uvicorn", app_path, "--port", str(port), *args]
     process = spawn(argv, full_env, directory)
     server = ExecutorServer(process, port, directory, token, nomad=owned)
     if wait:

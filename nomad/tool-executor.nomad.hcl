@@ -123,6 +123,9 @@ job "atropos-tool-executor" {
         TOOL_EXECUTOR_MAX_CONTAINERS    = "${var.max_containers}"
         TOOL_EXECUTOR_SLOTS             = "${var.slots}"
         TOOL_EXECUTOR_NOMAD_DATACENTERS = jsonencode(var.datacenters)
+        # The lease journal outlives a restart of this task in its allocation, so trainers of
+        # the previous run are told their workspaces are gone (docs/executor.md).
+        TOOL_EXECUTOR_STATE_DIR         = "${NOMAD_ALLOC_DIR}/state"
       }
 
       # Tokens, rendered from this job's own Variable into the secrets directory and read back
@@ -146,9 +149,10 @@ job "atropos-tool-executor" {
         memory = 1024
       }
 
-      # On SIGTERM the executor finishes calls in flight (up to 15 s), then removes its pool
-      # job (TOOL_EXECUTOR_PURGE_JOB_ON_SHUTDOWN, default true).
-      kill_timeout = "30s"
+      # On SIGTERM the executor answers calls in flight, removes its pool job
+      # (TOOL_EXECUTOR_PURGE_JOB_ON_SHUTDOWN, default true) and exits within
+      # TOOL_EXECUTOR_SHUTDOWN_TIMEOUT_S (4.5 s); this leaves it room (docs/operations.md).
+      kill_timeout = "10s"
     }
   }
 }

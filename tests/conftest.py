@@ -8,6 +8,7 @@ directory: ``tmp_path`` directories live under a directory of the run's own, rem
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,6 +30,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.basetemp = config.stash[OWN_BASETEMP] = tempfile.mkdtemp(
             prefix="atropos-pytest-"
         )
+    # Hypothesis keeps caches (and a database, where a test keeps one) in ./.hypothesis: under
+    # the run's directory instead, so that a run leaves nothing in the work tree either.
+    os.environ.setdefault(
+        "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(config.option.basetemp, "hypothesis")
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

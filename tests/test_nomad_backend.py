@@ -76,6 +76,7 @@ def failed_start(
     env.update({**nomad_settings(double), **settings(**values), **(overrides or {})})
     started = time.monotonic()
     with temporary_dir() as cwd:
+        env["TOOL_EXECUTOR_STATE_DIR"] = str(cwd / "state")
         done = subprocess.run(
             [sys.executable, "-m", "atropos_agent.cli", "serve", "--port", str(free_port())],
             env=env,

@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse
 from atropos_agent import __version__
 from atropos_agent.errors import BackendError
 from atropos_agent.executor.backends import create_backend
-from atropos_agent.executor.executor import Executor
+from atropos_agent.executor.executor import ENDED_MEMORY, Executor
 from atropos_agent.executor.external_tools import ExternalTools
+from atropos_agent.executor.lease_journal import LeaseJournal
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.settings import ExecutorSettings
 from atropos_agent.executor.transport import AiohttpTransport
@@ -47,7 +48,19 @@ from atropos_agent.models import (
     TrajectoriesResponse,
 )
 from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
-from atropos_agent.web import BearerAuthMiddleware, BodyLimitMiddleware, install_error_handlers
+from atropos_agent.serving import (
+    ExitDeadline,
+    ShutdownWatch,
+    log_events,
+    raise_open_file_limit,
+    tune_running_server,
+)
+from atropos_agent.web import (
+    BearerAuthMiddleware,
+    BodyLimitMiddleware,
+    SafeJSONResponse,
+    install_error_handlers,
+)
 
 log = logging.getLogger("atropos.api")
 
@@ -139,7 +152,11 @@ def build_executor(settings: ExecutorSettings) -> Executor:
     transport = AiohttpTransport()
     pool = Pool(settings.pool(), create_backend(settings, transport), transport)
     token = settings.tool_server_token.get_secret_value() if settings.tool_server_token else None
-    return Executor(settings.calls(), pool, ExternalTools(settings.tool_server_url, token))
+    # Room for every remembered end and every slot the pool can lease at once.
+    capacity = ENDED_MEMORY + settings.slots * settings.max_containers
+    journal = LeaseJournal.configured(settings.journal(), capacity)
+    external = ExternalTools(settings.tool_server_url, token)
+    return Executor(settings.calls(), pool, external, journal)
 
 
 def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
@@ -148,19 +165,44 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_events()
+        open_files = raise_open_file_limit()
         try:
             await executor.start()
         except BackendError as exc:
             log.error("event=startup_failed backend=%s error=%s", settings.backend, exc)
             await executor.stop()
             raise
-        log.info("event=executor_ready backend=%s port=%d", settings.backend, settings.port)
+        # Before the watch below takes over the SIGTERM handler that names the server.
+        tune_running_server(settings.connections(), settings.shutdown_grace_s + 1)
+        deadline = ExitDeadline(settings.shutdown_timeout_s)
+
+        def on_signal() -> None:
+            deadline.start()
+            executor.begin_shutdown(settings.shutdown_grace_s)
+
+        watch = ShutdownWatch(on_signal)
+        log.info(
+            "event=executor_ready backend=%s port=%d open_file_limit=%d",
+            settings.backend,
+            settings.port,
+            open_files,
+        )
         try:
             yield
         finally:
-            await executor.stop()
+            watch.restore()
+            try:
+                await asyncio.wait_for(executor.stop(), deadline.remaining())
+            except TimeoutError:
+                log.error("event=stop_overran: sandboxes left to die with this process")
 
-    app = FastAPI(title=SERVICE_NAME, version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title=SERVICE_NAME,
+        version=__version__,
+        lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
+    )
     app.state.executor = executor
     app.include_router(router)
     install_error_handlers(app)

@@ -131,6 +131,10 @@ class Batcher:
             for call in batch:
                 if not call.future.done():
                     call.future.set_exception(SandboxUnavailable(exc.message))
+        except Exception:
+            # A fault of ours, not the sandbox's: logged here, since nobody awaits this task;
+            # its calls still get an answer below.
+            log.exception("event=batch_error url=%s", self.sandbox.url)
         finally:
             self.in_flight -= 1
             self.in_flight_calls -= len(batch) - answered

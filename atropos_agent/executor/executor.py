@@ -24,10 +24,12 @@ from atropos_agent.errors import (
     NoFreeSlot,
     QueueFull,
     SandboxUnavailable,
+    ShuttingDown,
     TrajectoryBusy,
     UnknownTrajectory,
 )
 from atropos_agent.executor.external_tools import ExternalTools
+from atropos_agent.executor.lease_journal import LeaseJournal
 from atropos_agent.executor.leases import Lease
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.sandbox_client import SandboxClient
@@ -110,10 +112,18 @@ class LatencyWindow:
 
 
 class Executor:
-    def __init__(self, settings: CallSettings, pool: Pool, external: ExternalTools) -> None:
+    def __init__(
+        self,
+        settings: CallSettings,
+        pool: Pool,
+        external: ExternalTools,
+        journal: LeaseJournal | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.external = external
+        # Which trajectories hold or held leases, for the executor started after this one.
+        self.journal = journal or LeaseJournal.in_memory()
         self.trajectories: dict[str, Trajectory] = {}
         self.ended: OrderedDict[str, str] = OrderedDict()
         self.in_service = 0
@@ -121,24 +131,53 @@ class Executor:
         self.total_errors = 0
         self.latency = LatencyWindow()
         self.sweeper: asyncio.Task[None] | None = None
+        # The tasks running execute(), so that a shutdown can answer them (begin_shutdown).
+        self.calls_in_flight: set[asyncio.Task[object]] = set()
+        self.draining = False
+        self.drainer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
+        self._recall_lost_workspaces()
         await self.pool.start()
         await self.external.start()
         self.sweeper = asyncio.create_task(self._expire_idle(), name="lease-expiry")
 
     async def stop(self) -> None:
+        if not self.journal.claimed:
+            # Never started, or refused at start since an executor of the same identity runs:
+            # the pool (on Nomad, its job) is that executor's. Stop nothing.
+            return
+        if self.drainer is not None:
+            self.drainer.cancel()
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweeper
         await self.external.stop()
         await self.pool.stop()
+        self.journal.close()
+
+    def _recall_lost_workspaces(self) -> None:
+        """Leases of the executor that ran before this one: their workspaces went with it
+        (local sandboxes die with their executor; a Nomad sandbox's used slots are reset on
+        admission), so their trajectories are told so until they are released."""
+        left = self.journal.open()
+        for trajectory_id in left:
+            self._remember_end(
+                trajectory_id,
+                f"workspace lost for trajectory {trajectory_id!r}: the executor restarted, and "
+                "this workspace did not survive the restart. Its files and processes are gone; "
+                "release the trajectory to start over",
+            )
+        if left:
+            log.warning("event=leases_of_previous_run count=%d", len(left))
 
     # ---- calls
 
     def admit(self, count: int = 1) -> None:
-        """Count calls into the service, refusing beyond the queue bound."""
+        """Count calls into the service, refusing beyond the queue bound and when stopping."""
+        if self.draining:
+            raise ShuttingDown("the executor is shutting down and takes no new calls; retry")
         if self.in_service + count > self.settings.max_queue:
             raise QueueFull(
                 f"{self.in_service} calls in the service (limit {self.settings.max_queue}); "
@@ -152,15 +191,44 @@ class Executor:
         """One call, already admitted; answered with a ToolResult whatever happens."""
         started = time.monotonic()
         self.total_requests += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.calls_in_flight.add(task)
         try:
             result = await self._execute(trajectory_id, tool, timeout_s)
+        except asyncio.CancelledError:
+            if not (self.draining and task is not None and task.uncancel() == 0):
+                raise
+            result = ToolResult.failure(
+                "the executor shut down while this call ran: the command was stopped and may "
+                "have had part of its effect; retry it on the restarted service",
+                shutting_down=True,
+                retryable=True,
+            )
         finally:
             self.in_service -= 1
+            self.calls_in_flight.discard(task)
         result.uniq_id = tool.uniq_id
         if not result.success:
             self.total_errors += 1
         self.latency.add(time.monotonic() - started)
         return result
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Take no new calls; answer those still running after ``grace_s`` with a clear,
+        retryable failure (so that the server's own wait for them ends in a bound)."""
+        if self.draining:
+            return
+        self.draining = True
+        count = len(self.calls_in_flight)
+        log.info("event=shutdown_begun calls_in_flight=%d grace_s=%g", count, grace_s)
+        self.drainer = asyncio.get_running_loop().call_later(grace_s, self._end_calls_in_flight)
+
+    def _end_calls_in_flight(self) -> None:
+        if self.calls_in_flight:
+            log.warning("event=calls_ended_by_shutdown count=%d", len(self.calls_in_flight))
+        for task in list(self.calls_in_flight):
+            task.cancel("executor shutting down")
 
     async def _execute(
         self, trajectory_id: str, tool: ToolCall, timeout_s: float | None
@@ -205,6 +273,11 @@ class Executor:
                 )
             except NoFreeSlot as exc:
                 return ToolResult.failure(exc.message, acquire_timeout=True)
+            self.journal.record(
+                trajectory.trajectory_id,
+                trajectory.lease.sandbox.sandbox_id,
+                trajectory.lease.slot_id,
+            )
         lease = trajectory.lease
         if lease.lost:
             return self._lose(trajectory, "its sandbox stopped")
@@ -245,10 +318,14 @@ class Executor:
         if trajectory.lease is not None:
             self.pool.release(trajectory.lease)
             trajectory.lease = None
-        self.ended[trajectory.trajectory_id] = message
-        self.ended.move_to_end(trajectory.trajectory_id)
+        self._remember_end(trajectory.trajectory_id, message)
+
+    def _remember_end(self, trajectory_id: str, message: str) -> None:
+        self.ended[trajectory_id] = message
+        self.ended.move_to_end(trajectory_id)
         while len(self.ended) > ENDED_MEMORY:
-            self.ended.popitem(last=False)
+            forgotten, _ = self.ended.popitem(last=False)
+            self.journal.forget(forgotten)
 
     async def _external_call(
         self, trajectory_id: str, tool: ToolCall, timeout: float
@@ -269,6 +346,7 @@ class Executor:
         trajectory = self.trajectories.get(trajectory_id)
         if trajectory is None:
             if self.ended.pop(trajectory_id, None) is not None:
+                self.journal.forget(trajectory_id)
                 return ReleaseResponse(released=False, note="lease had already ended")
             raise UnknownTrajectory(f"unknown trajectory {trajectory_id!r}: it holds no lease")
         try:
@@ -282,14 +360,16 @@ class Executor:
             lease, trajectory.lease = trajectory.lease, None
             if self.trajectories.get(trajectory_id) is trajectory:
                 del self.trajectories[trajectory_id]
-            self.ended.pop(trajectory_id, None)
+            ended = self.ended.pop(trajectory_id, None)
+            self.journal.forget(trajectory_id)
             if lease is not None:
                 reset = self.pool.release(lease)
                 if reset_workspace:
                     await reset
         finally:
             trajectory.lock.release()
-        return ReleaseResponse(released=lease is not None)
+        note = None if ended is None else "lease had already ended"
+        return ReleaseResponse(released=lease is not None, note=note)
 
     async def _expire_idle(self) -> None:
         expiry = self.settings.lease_idle_expiry_s

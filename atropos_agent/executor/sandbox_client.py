@@ -37,6 +37,7 @@ from atropos_agent.sandbox.protocol import (
     SlotState,
     StreamedResult,
 )
+from atropos_agent.web import without_lone_surrogates
 
 HEALTH_TIMEOUT_S = 2.0
 RESET_TIMEOUT_S = 60.0
@@ -153,7 +154,10 @@ class SandboxClient:
         try:
             return answer.model_validate_json(data)
         except ValidationError as exc:
-            raise SandboxUnavailable(f"sandbox at {self.url} {what}: {short(exc)}") from exc
+            lenient = leniently_parsed(answer, data) if is_json_invalid(exc) else None
+            if lenient is None:
+                raise SandboxUnavailable(f"sandbox at {self.url} {what}: {short(exc)}") from exc
+            return lenient
 
     async def _checked(self, response: Response) -> bytes:
         data = await response.read()
@@ -164,13 +168,29 @@ class SandboxClient:
         return data
 
 
+def is_json_invalid(exc: ValidationError) -> bool:
+    return any(error["type"] == "json_invalid" for error in exc.errors())
+
+
+def leniently_parsed(answer: type[M], data: bytes) -> M | None:
+    """An answer pydantic's strict JSON parser refused, read as Python's json reads it: lone
+    surrogate escapes (an older sandbox's for file names that are not UTF-8) and invalid
+    bytes become U+FFFD, so the result of a call that ran is not lost. None if still invalid.
+    """
+    try:
+        decoded = json.loads(data.decode(errors="replace"))
+        return answer.model_validate(without_lone_surrogates(decoded))
+    except (ValueError, RecursionError):  # a ValidationError is a ValueError
+        return None
+
+
 def error_text(body: bytes) -> str:
     """The ``error`` of a JSON error answer, else the start of the body."""
     try:
         decoded = json.loads(body)
         if isinstance(decoded, dict) and decoded.get("error"):
-            return str(decoded["error"])
-    except ValueError:
+            return str(without_lone_surrogates(str(decoded["error"])))
+    except (ValueError, RecursionError):
         pass
     return body.decode(errors="replace")[:300]
 

@@ -11,12 +11,21 @@ both backends.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from atropos_agent.serving import ConnectionBounds
+
+
+def default_state_dir() -> Path:
+    """One per uid in the temporary directory: a restarted executor finds its predecessor's."""
+    return Path(tempfile.gettempdir()) / f"atropos-executor-{os.getuid()}"
 
 
 class ExecutorSettings(BaseSettings):
@@ -60,6 +69,8 @@ class ExecutorSettings(BaseSettings):
     health_interval_s: float = Field(default=2.0, gt=0)
     sandbox_isolation: Literal["bwrap", "none"] = "bwrap"
     sandbox_data_dir: Path | None = None
+    # What outlives one executor process: its lease journal, the local pool's data dirs.
+    state_dir: Path = Field(default_factory=default_state_dir)
     sandbox_start_timeout_s: float = Field(default=60.0, gt=0)
     # Limits passed down to every sandbox (see docs/sandbox.md).
     sandbox_memory_mb: int = Field(default=2048, ge=64)
@@ -71,6 +82,17 @@ class ExecutorSettings(BaseSettings):
     # How `terminal` answers: "split" (the old service's form: stdout, then "[stderr]" and
     # stderr) or "merged" (both streams interleaved as the command wrote them).
     terminal_output: Literal["split", "merged"] = "split"
+    # Connections and shutdown (atropos_agent/serving.py, docs/operations.md). The shutdown
+    # bound stays under Nomad's default kill_timeout (5 s).
+    keep_alive_s: float = Field(default=75.0, gt=0, description="idle keep-alive")
+    request_header_timeout_s: float = Field(default=10.0, gt=0)
+    request_body_timeout_s: float = Field(default=60.0, gt=0)
+    shutdown_grace_s: float = Field(
+        default=1.5, ge=0, description="calls in flight may finish within this after SIGTERM"
+    )
+    shutdown_timeout_s: float = Field(
+        default=4.5, gt=0, description="SIGTERM to exit, whatever is still running"
+    )
 
     # Nomad connection. The ACL token keeps Nomad's own variable name; NOMAD_ADDR is honoured
     # when TOOL_EXECUTOR_NOMAD_ADDRESS is not set.
@@ -104,6 +126,16 @@ class ExecutorSettings(BaseSettings):
     nomad_service_name: str = "atropos-sandbox"
 
     @model_validator(mode="after")
+    def check_shutdown_bounds(self) -> ExecutorSettings:
+        if self.shutdown_grace_s >= self.shutdown_timeout_s:
+            raise ValueError(
+                f"TOOL_EXECUTOR_SHUTDOWN_GRACE_S ({self.shutdown_grace_s:g}) must be less than "
+                f"TOOL_EXECUTOR_SHUTDOWN_TIMEOUT_S ({self.shutdown_timeout_s:g}): stopping the "
+                "sandboxes needs time after the grace"
+            )
+        return self
+
+    @model_validator(mode="after")
     def check_pool_bounds(self) -> ExecutorSettings:
         if self.min_containers > self.max_containers:
             raise ValueError(
@@ -124,6 +156,13 @@ class ExecutorSettings(BaseSettings):
             max_batch_size=self.max_batch_size,
         )
 
+    def connections(self) -> ConnectionBounds:
+        return ConnectionBounds(
+            keep_alive_s=self.keep_alive_s,
+            header_timeout_s=self.request_header_timeout_s,
+            body_timeout_s=self.request_body_timeout_s,
+        )
+
     def calls(self) -> CallSettings:
         return CallSettings(
             max_queue=self.max_queue,
@@ -138,9 +177,19 @@ class ExecutorSettings(BaseSettings):
             max_sandboxes=self.max_containers,
             start_timeout_s=self.sandbox_start_timeout_s,
             data_dir=self.sandbox_data_dir,
+            state_dir=self.state_dir,
             slot_uid_base=self.sandbox_slot_uid_base,
             sandbox_env=self.sandbox_environment(),
         )
+
+    def journal(self) -> JournalSettings:
+        # An executor started again at the same address (or on the same Nomad job) is the same
+        # service to its trainers.
+        if self.backend == "nomad":
+            identity: str | None = f"nomad-{self.job_id}"
+        else:
+            identity = f"local-{self.port}" if self.port else None
+        return JournalSettings(state_dir=self.state_dir, identity=identity)
 
     def nomad(self) -> NomadSettings:
         return NomadSettings(
@@ -224,11 +273,22 @@ class LocalSettings:
     min_sandboxes: int
     max_sandboxes: int
     start_timeout_s: float
-    # None: a temporary directory, removed on shutdown.
+    # None: a directory of its own under state_dir, removed on shutdown.
     data_dir: Path | None
+    state_dir: Path
     # Sandbox N claims slot uids from slot_uid_base + N * slots_per_sandbox.
     slot_uid_base: int
     sandbox_env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class JournalSettings:
+    """Where the lease journal lives (``lease_journal.py``)."""
+
+    state_dir: Path
+    # None: on a port picked at random the executor is never the same service again, so its
+    # journal stays in memory.
+    identity: str | None
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ import signal
 import sys
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 
+from atropos_agent import serving
 from atropos_agent.errors import IsolationUnavailable, SandboxStartError
 from atropos_agent.sandbox.app import create_app
 from atropos_agent.sandbox.settings import SandboxSettings
@@ -114,17 +114,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"atropos-sandbox: cannot start: {exc}")
     # The standard event loop: slots start their agents as other uids (user=/group= of
     # asyncio's subprocess API), which uvloop does not offer.
-    uvicorn.run(
+    serving.run(
         app,
-        host=settings.host,
-        port=settings.port,
+        settings.host,
+        settings.port,
+        # Longer than the executor's idle keep-alive (executor/transport.py), so that it never
+        # reuses a connection this server is closing at that moment.
+        serving.ConnectionBounds(keep_alive_s=60),
         log_level=log_level,
         access_log=False,
         loop="asyncio",
-        # Longer than the executor's idle keep-alive (backends/pool.py), so that it never
-        # reuses a connection this server is closing at that moment.
-        timeout_keep_alive=60,
-        timeout_graceful_shutdown=15,
+        # A stopping sandbox's slots go with it: commands still running after this are ended
+        # (the executor has answered their calls by then, or will as the sandbox goes).
+        timeout_graceful_shutdown=1,
     )
 
 

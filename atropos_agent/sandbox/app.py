@@ -50,7 +50,12 @@ from atropos_agent.sandbox.protocol import (
 )
 from atropos_agent.sandbox.server import RESULT, RESULTS, Admitted, Sandbox
 from atropos_agent.sandbox.settings import SandboxSettings
-from atropos_agent.web import BearerAuthMiddleware, BodyLimitMiddleware, install_error_handlers
+from atropos_agent.web import (
+    BearerAuthMiddleware,
+    BodyLimitMiddleware,
+    SafeJSONResponse,
+    install_error_handlers,
+)
 
 NDJSON = "application/x-ndjson"
 
@@ -209,7 +214,12 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
         finally:
             await sandbox.stop()
 
-    app = FastAPI(title="atropos sandbox server", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="atropos sandbox server",
+        version=__version__,
+        lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
+    )
     app.state.sandbox = sandbox
     install_error_handlers(app)
     app.include_router(router)

@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from atropos_agent.models import ArtifactArchiveFields, ArtifactListFields, ArtifactReadFields
+from atropos_agent.models import (
+    Arguments,
+    ArtifactArchiveFields,
+    ArtifactListFields,
+    ArtifactReadFields,
+    Identifier,
+    IdText,
+)
 
 PROTOCOL_VERSION = 2
 # The oldest sandbox protocol this executor drives: it needs POST /batch/stream.
@@ -38,10 +45,12 @@ class BatchItem(WireModel):
     network even on a server that allows it; ``true`` never widens the server's setting.
     """
 
-    slot_id: str
-    tool: str
-    args: dict[str, Any] = Field(default_factory=dict)
-    uniq_id: str | None = Field(default=None, alias="execution_id")
+    # The executor's calls pass the same bounds (models.ToolCall), so it never sends an item
+    # the sandbox refuses; an item over them from anyone else fails alone.
+    slot_id: Identifier
+    tool: IdText
+    args: Arguments = Field(default_factory=dict)
+    uniq_id: IdText | None = Field(default=None, alias="execution_id")
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
@@ -98,7 +107,7 @@ class SlotsResponse(BaseModel):
 
 
 class SlotRequest(BaseModel):
-    slot_id: str
+    slot_id: Identifier
 
 
 class ResetResponse(BaseModel):
@@ -115,15 +124,15 @@ class ResetResponse(BaseModel):
 
 
 class SlotArtifactReadRequest(ArtifactReadFields):
-    slot_id: str
+    slot_id: Identifier
 
 
 class SlotArtifactListRequest(ArtifactListFields):
-    slot_id: str
+    slot_id: Identifier
 
 
 class SlotArtifactArchiveRequest(ArtifactArchiveFields):
-    slot_id: str
+    slot_id: Identifier
 
 
 SlotArtifactRequest = SlotArtifactReadRequest | SlotArtifactListRequest | SlotArtifactArchiveRequest

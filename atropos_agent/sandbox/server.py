@@ -43,14 +43,16 @@ from atropos_agent.sandbox.runtime import install_runtime
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.sandbox.slot import Call, Slot, wipe_dir
 from atropos_agent.sandbox.tools import SANDBOX_TOOLS
+from atropos_agent.web import SafeJsonAdapter
 
 log = logging.getLogger("atropos.sandbox")
 
 ARTIFACT_TIMEOUT_S = 60.0
-# Results leave as JSON bytes serialised by pydantic-core: no second validation on the way out.
-RESULTS = TypeAdapter(list[BatchResult])
-RESULT = TypeAdapter(BatchResult)
-STREAMED = TypeAdapter(StreamedResult)
+# Results leave as JSON bytes serialised by pydantic-core: no second validation on the way out,
+# and text UTF-8 cannot hold sent as U+FFFD rather than failing (a result is never lost).
+RESULTS: SafeJsonAdapter[list[BatchResult]] = SafeJsonAdapter(list[BatchResult])
+RESULT: SafeJsonAdapter[BatchResult] = SafeJsonAdapter(BatchResult)
+STREAMED: SafeJsonAdapter[StreamedResult] = SafeJsonAdapter(StreamedResult)
 ITEMS = TypeAdapter(list[BatchItem])
 # An admitted batch entry: a call to run, or the failed result of an item that cannot run.
 Admitted = BatchItem | BatchResult
@@ -177,8 +179,8 @@ class Sandbox:
         )
 
     async def stop(self) -> None:
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=5)
+        # Calls still running had their grace from the HTTP server's own shutdown; their
+        # slots are stopping now, so they end with them.
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*(slot.stop() for slot in self.slots.values()), return_exceptions=True)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
 from atropos_agent.errors import QueueFull, UnknownTrajectory
+from atropos_agent.executor import executor as executor_module
 from atropos_agent.executor.executor import Executor
 from atropos_agent.executor.external_tools import ExternalTools
+from atropos_agent.executor.lease_journal import LeaseJournal, journal_path
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.settings import CallSettings
 from atropos_agent.models import ArtifactReadRequest, ToolCall, ToolResult
@@ -20,14 +24,17 @@ from tests.unit.fakes import FakeBackend, FakeCluster, FakeSandbox, pool_setting
 
 @asynccontextmanager
 async def running(
-    max_queue: int = 100, expiry_s: float = 60.0, acquire_s: float = 1.0
+    max_queue: int = 100,
+    expiry_s: float = 60.0,
+    acquire_s: float = 1.0,
+    journal: LeaseJournal | None = None,
 ) -> AsyncIterator[tuple[Executor, FakeCluster]]:
     cluster = FakeCluster()
     pool = Pool(pool_settings(max_sandboxes=1), FakeBackend(cluster), cluster.transport)
     settings = CallSettings(
         max_queue=max_queue, acquire_timeout_s=acquire_s, lease_idle_expiry_s=expiry_s
     )
-    executor = Executor(settings, pool, ExternalTools(None, None))
+    executor = Executor(settings, pool, ExternalTools(None, None), journal)
     await executor.start()
     try:
         yield executor, cluster
@@ -191,3 +198,38 @@ def test_unknown_tools_and_a_full_queue_are_refused_before_anything_runs() -> No
             assert refused.value.status_code == 503 and refused.value.retry_after == 1
 
     run(scenario())
+
+
+def test_the_journal_follows_leases_and_the_next_executor_recalls_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = journal_path(tmp_path / "state", "local-9001")
+
+    def journaled() -> list[str]:
+        with sqlite3.connect(path) as db:
+            return [row[0] for row in db.execute("SELECT trajectory_id FROM leases")]
+
+    async def before_the_restart() -> None:
+        async with running(journal=LeaseJournal(path, limit=100)) as (executor, _):
+            for trajectory in ("held-a", "released", "held-b"):
+                assert (await sh(executor, trajectory, f"echo {trajectory}")).success
+                if trajectory == "released":
+                    await executor.release(trajectory, reset_workspace=True)
+            assert sorted(journaled()) == ["held-a", "held-b"]
+
+    async def after_the_restart() -> None:
+        async with running(journal=LeaseJournal(path, limit=100)) as (executor, _):
+            # Remembering one end at most, the older recalled row is forgotten at once.
+            assert journaled() == ["held-b"]
+            lost = await sh(executor, "held-b", "echo again")
+            assert not lost.success and lost.metadata["workspace_lost"] is True
+            assert "the executor restarted" in (lost.error or "")
+            answer = await executor.release("held-b", reset_workspace=False)
+            assert answer.released is False and answer.note
+            assert journaled() == []
+            assert (await sh(executor, "held-b", "echo fresh")).success
+            assert journaled() == ["held-b"]
+
+    run(before_the_restart())
+    monkeypatch.setattr(executor_module, "ENDED_MEMORY", 1)
+    run(after_the_restart())

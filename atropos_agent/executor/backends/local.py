@@ -4,6 +4,8 @@ Each sandbox is ``python -m atropos_agent.sandbox`` on a loopback port with a pe
 token. A child that dies is started again in its place under a new ``sandbox_id`` (so the pool
 knows its workspaces are gone), with a back-off; one that keeps dying is reported, not retried
 forever. Children get SIGTERM when the executor dies (``--parent-pid``), so none outlives it.
+Their data dir is claimed by a lock that the children hold too (``pool_dir.py``), so the next
+executor removes what a killed one left, and never what a live one uses.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from typing import Any
 
 from atropos_agent.errors import BackendError, SandboxUnavailable
 from atropos_agent.executor.backends.base import Backend, SandboxInfo
+from atropos_agent.executor.backends.pool_dir import PoolDir, claim_pool_dir
 from atropos_agent.executor.sandbox_client import SandboxClient
 from atropos_agent.executor.settings import LocalSettings
 from atropos_agent.executor.transport import Transport
@@ -77,10 +78,9 @@ class LocalBackend(Backend):
         self.settings = settings
         self.transport = transport
         self.token = secrets.token_urlsafe(32)
-        self.owns_data_dir = settings.data_dir is None
-        self.data_dir = Path(
-            settings.data_dir or tempfile.mkdtemp(prefix="atropos-pool-")
-        ).resolve()
+        # Claimed at start; until then the configured one (or the state dir it goes under).
+        self.pool_dir: PoolDir | None = None
+        self.data_dir = Path(settings.data_dir or settings.state_dir).resolve()
         self.children: dict[int, Child] = {}
         self.failed: dict[int, str] = {}
         self.watchers: set[asyncio.Task[None]] = set()
@@ -90,7 +90,11 @@ class LocalBackend(Backend):
     # ---- life cycle
 
     async def start(self, count: int) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Removing a dead predecessor's workspaces may take a while: off the event loop.
+        self.pool_dir = await asyncio.to_thread(
+            claim_pool_dir, self.settings.state_dir, self.settings.data_dir
+        )
+        self.data_dir = self.pool_dir.path
         self.data_dir.chmod(0o711)
         results = await asyncio.gather(
             *(self._start_child(index) for index in range(count)), return_exceptions=True
@@ -107,8 +111,9 @@ class LocalBackend(Backend):
         await asyncio.gather(*self.watchers, return_exceptions=True)
         await asyncio.gather(*(self._stop_child(child) for child in list(self.children.values())))
         self.children.clear()
-        if self.owns_data_dir:
-            await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+        if self.pool_dir is not None:
+            await asyncio.to_thread(self.pool_dir.release)
+            self.pool_dir = None
 
     async def sandboxes(self) -> list[SandboxInfo]:
         return [
@@ -203,6 +208,8 @@ class LocalBackend(Backend):
                 stderr=log_file,
                 env=self._env(index),
                 stdin=asyncio.subprocess.DEVNULL,
+                # The child holds the pool dir's lock too, until it exits.
+                pass_fds=(self.pool_dir.lock.fd,) if self.pool_dir else (),
             )
         child = Child(index, self.generation, port, process, log_path, restarts=restarts or [])
         self.children[index] = child

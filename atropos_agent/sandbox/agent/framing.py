@@ -1,13 +1,14 @@
 """Frames on the pipe between the sandbox server and a slot agent, and the operations they name.
 
-A frame is a 4-byte big-endian length, then that many bytes of JSON. Both ends import this
-module: the agent (standard library only) and the server's ``sandbox/slot.py``.
+A frame is a 4-byte big-endian length, then that many bytes of JSON in UTF-8. Both ends import
+this module: the agent (standard library only) and the server's ``sandbox/slot.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 TYPE_CHECKING = False
@@ -26,8 +27,17 @@ OP_ARTIFACT_LIST = "artifact_list"
 OP_ARTIFACT_ARCHIVE = "artifact_archive"
 
 
+# A str may hold lone surrogates (os.listdir's names for file names that are not UTF-8);
+# UTF-8 cannot. They travel as U+FFFD, as invalid bytes of a command's output do.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        body = text.encode()
+    except UnicodeEncodeError:
+        body = LONE_SURROGATE.sub("\ufffd", text).encode()
     return FRAME_HEADER.pack(len(body)) + body
 
 

@@ -126,7 +126,10 @@ def seconds(args: dict[str, Any], name: str, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ToolError(f"'{name}' must be a number of seconds >= 0")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float (10**400): longer than any wait
+        return float("inf")
 
 
 def integer(args: dict[str, Any], name: str, default: int, low: int, high: int) -> int:

@@ -23,6 +23,9 @@ def command_argument(args: dict[str, Any]) -> str:
     command = args.get("command")
     if not isinstance(command, str):
         raise ToolError("'command' must be a string")
+    if "\x00" in command:
+        # No argv or shell script can hold one: say so rather than fail in posix_spawn.
+        raise ToolError("'command' must not contain NUL characters")
     return command
 
 
@@ -47,6 +50,8 @@ def python(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]
     code = args.get("code", args.get("source"))
     if not isinstance(code, str):
         raise ToolError("'code' must be a string of Python source")
+    if "\x00" in code:
+        raise ToolError("'code' must not contain NUL characters")
     return agent.runner.run([agent.config.python, "-"], timeout, stdin_data=code.encode())
 
 

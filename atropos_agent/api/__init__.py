@@ -1,0 +1,1 @@
+"""The previous release's module path for the executor app, kept for deployments that serve it."""
