@@ -13,8 +13,10 @@ raise ``ExecutorError`` with the service's message; a tool that failed is not an
 
 What is safe to retry is retried (``retries`` times, with back-off): a request that never
 reached the service (connection refused), a 503 that says when to come back (``Retry-After``:
-the service ran nothing), and any transport failure of a request that only reads. A call that
-may have reached the service and run is never sent twice.
+the service ran nothing), and any transport failure of a request that is safe to repeat:
+reads, and ``execute``, which always sends a ``uniq_id`` (the service runs a call once per
+``uniq_id`` and answers a repeat with the first result). Release and batches of calls without
+their own ``uniq_id`` are never sent twice.
 
 Laid out as httpx lays out its own clients: ``BaseClient`` knows, for every route, the request
 to send and what its answer becomes (a ``Call``); ``ExecutorClient`` and
@@ -39,11 +41,15 @@ from atropos_agent.models import (
     ArtifactArchiveResponse,
     ArtifactListResponse,
     ArtifactReadResponse,
+    CancelResponse,
     ExecuteBatchResponse,
+    GroupReleaseResponse,
+    LeaseOptions,
     ReleaseResponse,
     StatusResponse,
     ToolCall,
     ToolResult,
+    TrajectoryInfo,
 )
 
 __all__ = ["AsyncExecutorClient", "BaseClient", "Call", "ExecutorClient", "ExecutorError"]
@@ -69,8 +75,8 @@ class Call(Generic[T]):
     path: str
     body: dict[str, Any] | None
     parse: Callable[[Any], T]
-    # Only reads: sending it twice does no harm.
-    reads_only: bool = False
+    # Sending it twice does no harm: it only reads, or the service runs it once.
+    idempotent: bool = False
 
     def answer(self, response: httpx.Response) -> T:
         """The parsed answer; ``ExecutorError`` when the service refused the request."""
@@ -119,7 +125,7 @@ class BaseClient:
                 return None
             return float(min(max(float(after), backoff), MAX_RETRY_WAIT_S))
         never_sent = isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout)
-        if never_sent or (call.reads_only and not isinstance(outcome, httpx.TimeoutException)):
+        if never_sent or (call.idempotent and not isinstance(outcome, httpx.TimeoutException)):
             return backoff
         return None
 
@@ -135,10 +141,29 @@ class BaseClient:
         tool: str,
         arguments: dict[str, Any] | None,
         timeout_s: float | None,
+        uniq_id: str | None = None,
+        lease: LeaseOptions | None = None,
     ) -> Call[ToolResult]:
         call = ToolCall(name=tool, arguments=arguments or {})
+        if uniq_id is not None:
+            call.uniq_id = uniq_id
         body = {"trajectory_id": trajectory_id, "tool": call.model_dump(), "timeout_s": timeout_s}
-        return Call("POST", "/execute", body, ToolResult.model_validate)
+        if lease is not None:
+            body.update(lease.model_dump(exclude_none=True))
+        return Call("POST", "/execute", body, ToolResult.model_validate, idempotent=True)
+
+    def _open_trajectory(self, trajectory_id: str, lease: LeaseOptions) -> Call[TrajectoryInfo]:
+        body = {"trajectory_id": trajectory_id, **lease.model_dump(exclude_none=True)}
+        # Taking a lease twice gives the same lease.
+        return Call("POST", "/trajectories", body, TrajectoryInfo.model_validate, idempotent=True)
+
+    def _cancel(self, trajectory_id: str) -> Call[CancelResponse]:
+        body = {"trajectory_id": trajectory_id}
+        return Call("POST", "/cancel", body, CancelResponse.model_validate, idempotent=True)
+
+    def _release_group(self, group: str, reset_workspace: bool) -> Call[GroupReleaseResponse]:
+        body = {"group": group, "reset_workspace": reset_workspace}
+        return Call("POST", "/release", body, GroupReleaseResponse.model_validate)
 
     def _execute_batch(self, calls: list[dict[str, Any]]) -> Call[list[ToolResult]]:
         return Call("POST", "/execute_batch", {"calls": calls}, batch_results)
@@ -152,10 +177,10 @@ class BaseClient:
         route: str, answer: type[A], trajectory_id: str, path: str, options: dict[str, Any]
     ) -> Call[A]:
         body = {"trajectory_id": trajectory_id, "path": path, **options}
-        return Call("POST", f"/artifacts/{route}", body, answer.model_validate, reads_only=True)
+        return Call("POST", f"/artifacts/{route}", body, answer.model_validate, idempotent=True)
 
     def _status(self) -> Call[StatusResponse]:
-        return Call("GET", "/status", None, StatusResponse.model_validate, reads_only=True)
+        return Call("GET", "/status", None, StatusResponse.model_validate, idempotent=True)
 
 
 class ExecutorClient(BaseClient):
@@ -205,9 +230,26 @@ class ExecutorClient(BaseClient):
         tool: str,
         arguments: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        uniq_id: str | None = None,
+        lease: LeaseOptions | None = None,
     ) -> ToolResult:
-        """Run one tool call in the trajectory's slot (leased on its first call)."""
-        return self._send(self._execute(trajectory_id, tool, arguments, timeout_s))
+        """Run one tool call in the trajectory's slot (leased on its first call, with
+        ``lease``'s group and lifetime). Sent again with the same ``uniq_id``, it runs once."""
+        return self._send(self._execute(trajectory_id, tool, arguments, timeout_s, uniq_id, lease))
+
+    def open_trajectory(
+        self, trajectory_id: str, lease: LeaseOptions | None = None
+    ) -> TrajectoryInfo:
+        """Take the trajectory's lease now, without running anything."""
+        return self._send(self._open_trajectory(trajectory_id, lease or LeaseOptions()))
+
+    def cancel(self, trajectory_id: str) -> CancelResponse:
+        """Stop the trajectory's running and queued calls (their commands killed)."""
+        return self._send(self._cancel(trajectory_id))
+
+    def release_group(self, group: str, reset_workspace: bool = False) -> GroupReleaseResponse:
+        """Release every trajectory of ``group``."""
+        return self._send(self._release_group(group, reset_workspace))
 
     def execute_batch(self, calls: list[dict[str, Any]]) -> list[ToolResult]:
         """``calls``: ExecuteRequest dicts (``trajectory_id``, ``tool``, ``timeout_s``)."""
@@ -291,9 +333,30 @@ class AsyncExecutorClient(BaseClient):
         tool: str,
         arguments: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        uniq_id: str | None = None,
+        lease: LeaseOptions | None = None,
     ) -> ToolResult:
-        """Run one tool call in the trajectory's slot (leased on its first call)."""
-        return await self._send(self._execute(trajectory_id, tool, arguments, timeout_s))
+        """Run one tool call in the trajectory's slot (leased on its first call, with
+        ``lease``'s group and lifetime). Sent again with the same ``uniq_id``, it runs once."""
+        return await self._send(
+            self._execute(trajectory_id, tool, arguments, timeout_s, uniq_id, lease)
+        )
+
+    async def open_trajectory(
+        self, trajectory_id: str, lease: LeaseOptions | None = None
+    ) -> TrajectoryInfo:
+        """Take the trajectory's lease now, without running anything."""
+        return await self._send(self._open_trajectory(trajectory_id, lease or LeaseOptions()))
+
+    async def cancel(self, trajectory_id: str) -> CancelResponse:
+        """Stop the trajectory's running and queued calls (their commands killed)."""
+        return await self._send(self._cancel(trajectory_id))
+
+    async def release_group(
+        self, group: str, reset_workspace: bool = False
+    ) -> GroupReleaseResponse:
+        """Release every trajectory of ``group``."""
+        return await self._send(self._release_group(group, reset_workspace))
 
     async def execute_batch(self, calls: list[dict[str, Any]]) -> list[ToolResult]:
         """``calls``: ExecuteRequest dicts (``trajectory_id``, ``tool``, ``timeout_s``)."""

@@ -10,6 +10,7 @@ Both servers turn any ``AtroposError`` into ``{"error": message}`` with that sta
     │   ├── QueueFull               503: too many calls in the service
     │   ├── ShuttingDown            503: the service is stopping; retry on its successor
     │   ├── UnknownTrajectory       404: the trajectory holds no lease
+    │   ├── WorkspaceGone           409: the trajectory's lease ended; release it first
     │   ├── TrajectoryBusy          409: a release waited too long for a running call
     │   ├── NoFreeSlot              503: no slot became free within the acquire timeout
     │   ├── UnknownSlot             404: the sandbox has no such slot (/reset, /artifacts/*)
@@ -38,6 +39,8 @@ class AtroposError(Exception):
     status_code: ClassVar[int] = 500
     # Seconds a client should wait before retrying; None when retrying will not help.
     retry_after: ClassVar[int | None] = None
+    # The executor's error kind (docs/executor.md, "Errors a trainer can act on").
+    error_kind: ClassVar[str] = "sandbox_error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -51,6 +54,7 @@ class RequestRefused(AtroposError):
     """The request is valid but cannot be served now; the message says what to do."""
 
     status_code = 400
+    error_kind = "bad_request"
 
 
 class QueueFull(RequestRefused):
@@ -58,6 +62,7 @@ class QueueFull(RequestRefused):
 
     status_code = 503
     retry_after = 1
+    error_kind = "overloaded"
 
 
 class ShuttingDown(RequestRefused):
@@ -65,12 +70,20 @@ class ShuttingDown(RequestRefused):
 
     status_code = 503
     retry_after = 2
+    error_kind = "overloaded"
 
 
 class UnknownTrajectory(RequestRefused):
     """A release or artifact call named a trajectory that holds no lease."""
 
     status_code = 404
+
+
+class WorkspaceGone(RequestRefused):
+    """The trajectory's lease ended (lost, expired): it must be released before it starts over."""
+
+    status_code = 409
+    error_kind = "workspace_lost"
 
 
 class TrajectoryBusy(RequestRefused):
@@ -84,6 +97,7 @@ class NoFreeSlot(RequestRefused):
 
     status_code = 503
     retry_after = 1
+    error_kind = "no_slot"
 
 
 class UnknownSlot(RequestRefused):
@@ -97,6 +111,7 @@ class SlotBusy(RequestRefused):
 
     status_code = 503
     retry_after = 1
+    error_kind = "overloaded"
 
 
 class Unavailable(AtroposError):

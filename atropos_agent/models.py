@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # The protocol's timeout rule: ``timeout_s``, else a numeric ``arguments.timeout``, clamped.
 MIN_TIMEOUT_S = 1.0
@@ -160,7 +160,20 @@ class ArtifactArchiveFields(BaseModel):
     max_entries: int | None = Field(default=None, ge=0)
 
 
-class ExecuteRequest(BaseModel):
+# A lease's lifetime a trainer may set (docs/executor.md): at most a day.
+LeaseTTL = Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]
+
+
+class LeaseOptions(BaseModel):
+    """New: what a trainer may say of a lease when it is taken (ignored on later calls)."""
+
+    # A name the trainer groups trajectories by (its run, its step): release them in one call.
+    group: Identifier | None = None
+    # The lease ends this many seconds after it was taken, as an idle one expires.
+    lease_ttl_s: LeaseTTL | None = None
+
+
+class ExecuteRequest(LeaseOptions):
     trajectory_id: Identifier
     tool: ToolCall
     timeout_s: float | None = None
@@ -177,9 +190,41 @@ class ExecuteBatchResponse(BaseModel):
 
 
 class ReleaseRequest(BaseModel):
+    """One trajectory, or (new) every trajectory of a ``group``."""
+
     # Non-empty like every trajectory id: an empty one can never have held a lease.
-    trajectory_id: Identifier
+    trajectory_id: Identifier | None = None
+    group: Identifier | None = None
     reset_workspace: bool = False
+
+    @model_validator(mode="after")
+    def one_target(self) -> ReleaseRequest:
+        if (self.trajectory_id is None) == (self.group is None):
+            raise ValueError("give exactly one of trajectory_id and group")
+        return self
+
+
+class GroupReleaseResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    group: str
+    # Trajectories of the group that were known (holding a lease, or ended and not released).
+    released: int
+
+
+class TrajectoryRequest(LeaseOptions):
+    """``POST /trajectories``: take a lease without running anything."""
+
+    trajectory_id: Identifier
+
+
+class CancelRequest(BaseModel):
+    trajectory_id: Identifier
+
+
+class CancelResponse(BaseModel):
+    trajectory_id: str
+    # The uniq_ids of the calls stopped: the one running, and those queued behind it.
+    cancelled: list[str]
 
 
 class ReleaseResponse(BaseModel):
@@ -226,6 +271,10 @@ class TrajectoryInfo(BaseModel):
     idle_s: float
     calls: int
     in_flight: int
+    group: str | None = None
+    # Seconds until the lease ends by its lifetime (lease_ttl_s or the maximum lease age);
+    # None when only idle expiry applies.
+    expires_in_s: float | None = None
 
 
 class TrajectoriesResponse(BaseModel):

@@ -256,7 +256,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     message = f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}"
-    return error_response(422, message, errors=jsonable(errors))
+    return error_response(
+        422, message, errors=jsonable(errors), error_kind="bad_request", retryable=False
+    )
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -266,7 +268,13 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def atropos_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AtroposError)
-    return error_response(exc.status_code, exc.message, headers=exc.headers())
+    return error_response(
+        exc.status_code,
+        exc.message,
+        headers=exc.headers(),
+        error_kind=exc.error_kind,
+        retryable=exc.retry_after is not None,
+    )
 
 
 def jsonable(errors: Any) -> Any:

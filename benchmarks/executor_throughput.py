@@ -23,6 +23,7 @@ import math
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 
 from benchmarks.common import QUIET, JsonClient, machine_summary
@@ -43,11 +44,10 @@ def executor_settings(slots: int, sandboxes: int) -> dict[str, str]:
 
 async def executor_round(client: JsonClient, trajectories: int, calls: int, tag: str) -> float:
     async def trajectory(number: int) -> None:
-        body = {
-            "trajectory_id": f"{tag}-{number}",
-            "tool": {"name": "terminal", "arguments": {"command": COMMAND}},
-        }
-        for _ in range(calls):
+        for call in range(calls):
+            # Each call with an id of its own, as trainers send them (and as retries need).
+            tool = {"name": "terminal", "arguments": {"command": COMMAND}, "uniq_id": str(call)}
+            body = {"trajectory_id": f"{tag}-{number}", "tool": tool}
             result = await client.post("/execute", body)
             assert result["success"] and result["output"].strip() == "hi", result
 
@@ -74,14 +74,17 @@ async def wait_pool_idle(client: JsonClient) -> None:
 async def direct_round(
     clients: list[JsonClient], slots: int, trajectories: int, calls: int
 ) -> float:
+    round_id = uuid.uuid4().hex[:8]  # slots answer a repeated id from memory: never repeat
+
     async def trajectory(number: int) -> None:
         client = clients[number // slots]
-        item = {
-            "slot_id": f"slot_{number % slots}",
-            "tool": "terminal",
-            "args": {"command": COMMAND},
-        }
-        for _ in range(calls):
+        for call in range(calls):
+            item = {
+                "slot_id": f"slot_{number % slots}",
+                "tool": "terminal",
+                "args": {"command": COMMAND},
+                "execution_id": f"{round_id}-{number}-{call}",
+            }
             result = await client.post("/execute", item)
             assert result["success"] and result["output"].strip() == "hi", result
 

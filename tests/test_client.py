@@ -20,6 +20,9 @@ METHODS = {
     "archive_artifacts",
     "status",
     "close",
+    "open_trajectory",
+    "cancel",
+    "release_group",
 }
 STATUS_KEYS = {"queue_size", "total_requests", "total_errors", "pool"}
 

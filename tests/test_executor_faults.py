@@ -64,6 +64,8 @@ def test_acquire_times_out_when_all_slots_are_leased(small: ExecutorServer) -> N
         assert "no free slot" in refused["error"]
         assert "1s" in refused["error"]
         assert refused["metadata"]["acquire_timeout"] is True
+        assert refused["metadata"]["error_kind"] == "no_slot"
+        assert refused["metadata"]["retryable"] is True
         assert 0.9 <= elapsed < 3.0, f"the refusal took {elapsed:.2f}s"
         assert small.status()["pool"]["waiting_for_slot"] == 0
 
@@ -130,6 +132,8 @@ def test_full_queue_answers_503(small: ExecutorServer) -> None:
             if response.status_code == 503:
                 assert response.headers["Retry-After"].isdigit()
                 assert "limit 2" in response.json()["error"]
+                assert response.json()["error_kind"] == "overloaded"
+                assert response.json()["retryable"] is True
             else:
                 assert response.json()["success"] is True
                 assert response.json()["output"] == "slow"
@@ -181,6 +185,8 @@ def test_killed_sandbox_is_replaced_and_its_trajectories_told(small: ExecutorSer
         assert lost["success"] is False
         assert "workspace lost" in lost["error"]
         assert lost["metadata"]["workspace_lost"] is True
+        assert lost["metadata"]["error_kind"] == "workspace_lost"
+        assert lost["metadata"]["retryable"] is False
         # It stays lost (not silently moved to a fresh slot) until released.
         again = small.sh("lost-a", "echo still")
         assert again["success"] is False and again["metadata"]["workspace_lost"] is True
@@ -256,6 +262,7 @@ def test_idle_lease_expires(executor_factory: Factory) -> None:
     assert expired["success"] is False
     assert "expired" in expired["error"]
     assert expired["metadata"]["workspace_lost"] is True
+    assert expired["metadata"]["error_kind"] == "lease_expired"
     # Told on every call until released, never silently given a fresh workspace.
     assert server.sh("idle", "true")["metadata"]["workspace_lost"] is True
 

@@ -82,6 +82,7 @@ def test_sigterm_answers_calls_in_flight_and_exits_within_the_bound(served_by: s
         assert result["success"] is False
         assert result["metadata"]["shutting_down"] is True
         assert result["metadata"]["retryable"] is True
+        assert result["metadata"]["error_kind"] == "sandbox_error"
         assert "shut down while this call ran" in result["error"]
     assert GRACE_S - 0.2 < answered_after < GRACE_S + 1.5
     assert exited_after < TIMEOUT_S + 0.5

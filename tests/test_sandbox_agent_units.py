@@ -1,7 +1,8 @@
 """The slot agent's pure pieces, without a server: frames, the path jail, output, results.
 
-Plus one start of the shipped runtime directory under ``python -I -S``, the way a slot starts it
-(without bubblewrap), to prove the package finds its own modules there.
+Plus starts of the shipped runtime directory under ``python -I -S``, the way a slot starts it
+(without bubblewrap): to prove the package finds its own modules there, and to drive its
+request loop frame by frame (a cancel mid-call, one that finds it idle, a frame out of turn).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,18 @@ from atropos_agent.sandbox.agent import artifacts, framing
 from atropos_agent.sandbox.agent.artifacts import bounded, mime_type, walk_files
 from atropos_agent.sandbox.agent.config import AgentConfig
 from atropos_agent.sandbox.agent.output import CommandOutput, OutputCapture
-from atropos_agent.sandbox.agent.results import ToolError, command_result, failure, limits_seen
+from atropos_agent.sandbox.agent.results import (
+    CANCELLED,
+    ToolError,
+    command_result,
+    failure,
+    limits_seen,
+)
 from atropos_agent.sandbox.agent.shell import shell_quote
 from atropos_agent.sandbox.agent.workspace import Workspace
 from atropos_agent.sandbox.runtime import install_runtime
 from atropos_agent.sandbox.settings import SandboxSettings
+from harness.processes import host_processes_matching
 
 MIB = 1024 * 1024
 
@@ -322,17 +332,138 @@ def test_runtime_directory_runs_under_isolated_python(tmp_path: Path) -> None:
         ready = framing.read_frame(agent.stdout.fileno())
         assert ready is not None and ready["ready"] is True
         request = {"op": framing.OP_TOOL, "tool": "terminal", "args": {"command": "echo hi"}}
-        for message in (request, {"op": "ping"}, {"op": framing.OP_SHUTDOWN}):
+        # One request at a time, as the server sends them (a frame out of turn is refused).
+        answers = []
+        for message in (request, {"op": "ping"}):
             agent.stdin.write(framing.encode_frame(message))
-        agent.stdin.flush()
-        answer = framing.read_frame(agent.stdout.fileno())
+            agent.stdin.flush()
+            answers.append(framing.read_frame(agent.stdout.fileno()))
+        answer, unknown = answers
         assert answer is not None and answer["output"] == "hi" and answer["success"]
-        unknown = framing.read_frame(agent.stdout.fileno())
         assert unknown == failure("unknown agent operation 'ping'")
+        agent.stdin.write(framing.encode_frame({"op": framing.OP_SHUTDOWN}))
+        agent.stdin.flush()
         assert agent.wait(timeout=10) == 0
     finally:
         agent.kill()
         agent.wait()
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The shipped runtime, started as a slot starts it (without bubblewrap), ready."""
+    python = SandboxSettings().slot_python()
+    runtime = tmp_path / "runtime"
+    install_runtime(runtime, python)
+    root = tmp_path / "workspace"
+    root.mkdir()
+    process = subprocess.Popen(
+        [python, "-I", "-S", str(runtime), json.dumps(config_for(root))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env={},
+    )
+    try:
+        ready = receive(process)
+        assert ready is not None and ready["ready"] is True
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def send(process: subprocess.Popen[bytes], *messages: dict[str, Any]) -> None:
+    assert process.stdin is not None
+    for message in messages:
+        process.stdin.write(framing.encode_frame(message))
+    process.stdin.flush()
+
+
+def receive(process: subprocess.Popen[bytes], within_s: float = 10.0) -> dict[str, Any] | None:
+    assert process.stdout is not None
+    readable, _, _ = select.select([process.stdout], [], [], within_s)
+    assert readable, f"no answer from the agent within {within_s}s"
+    return framing.read_frame(process.stdout.fileno())
+
+
+def tool(command: str, timeout: float = 60.0) -> dict[str, Any]:
+    return {
+        "op": framing.OP_TOOL,
+        "tool": "terminal",
+        "args": {"command": command},
+        "timeout": timeout,
+    }
+
+
+def wait_until_running(command: str) -> None:
+    deadline = time.monotonic() + 10
+    while not host_processes_matching(command):
+        assert time.monotonic() < deadline, f"{command} did not start"
+        time.sleep(0.02)
+
+
+def test_agent_cancel_kills_the_running_command_and_answers_for_it(
+    agent: subprocess.Popen[bytes],
+) -> None:
+    sleep = f"sleep 30.{os.getpid()}1"
+    send(agent, tool(f"echo started; {sleep}"))
+    wait_until_running(sleep)
+    started = time.monotonic()
+    send(agent, {"op": framing.OP_CANCEL})
+    answer = receive(agent, within_s=2)
+    assert answer is not None and time.monotonic() - started < 1.5
+    assert (answer["success"], answer["error"], answer["output"]) == (False, CANCELLED, "started")
+    assert answer["metadata"]["cancelled"] is True and answer["metadata"]["exit_code"] == -1
+    assert host_processes_matching(sleep) == []
+    send(agent, tool("echo next"))
+    after = receive(agent)
+    assert after is not None and after["output"] == "next" and "cancelled" not in after["metadata"]
+
+
+def test_agent_answers_nothing_to_a_cancel_that_finds_it_idle(
+    agent: subprocess.Popen[bytes],
+) -> None:
+    # As when a cancel crosses the answer of the call it meant: the next answer is the next
+    # request's, so the stream stays in step.
+    send(agent, tool("echo first"))
+    answers = [receive(agent)]
+    send(agent, {"op": framing.OP_CANCEL}, tool("echo second"))
+    answers.append(receive(agent))
+    assert [a and a["output"] for a in answers] == ["first", "second"]
+    assert all(a and a["success"] and "cancelled" not in a["metadata"] for a in answers)
+
+
+def test_agent_stops_on_any_other_frame_while_a_call_runs(
+    agent: subprocess.Popen[bytes],
+) -> None:
+    sleep = f"sleep 30.{os.getpid()}2"
+    send(agent, tool(sleep))
+    wait_until_running(sleep)
+    send(agent, tool("echo crossed"))
+    assert agent.wait(timeout=10) != 0  # a broken stream: the server loses the slot
+    assert agent.stderr is not None
+    assert b"unexpected frame while a call ran: op 'tool'" in agent.stderr.read()
+    assert host_processes_matching(sleep) == []
+
+
+def test_agent_stops_at_once_on_a_shutdown_while_a_call_runs(
+    agent: subprocess.Popen[bytes],
+) -> None:
+    # The server stops its slots without waiting for their calls.
+    sleep = f"sleep 30.{os.getpid()}3"
+    send(agent, tool(sleep))
+    wait_until_running(sleep)
+    send(agent, {"op": framing.OP_SHUTDOWN})
+    assert agent.wait(timeout=10) == 0
+    assert host_processes_matching(sleep) == []
 
 
 # --------------------------------------------------------------------------- artifacts

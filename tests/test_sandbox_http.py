@@ -30,6 +30,8 @@ ROUTES: list[tuple[str, str, Any]] = [
         [{"slot_id": "slot_0", "tool": "terminal", "args": {"command": "true"}}],
     ),
     ("POST", "/reset", {"slot_id": "slot_2"}),
+    ("POST", "/cancel", {"slot_id": "slot_2"}),
+    ("POST", "/slots/owner", {"slot_id": "slot_2", "lease": None}),
     ("GET", "/slots", None),
     ("POST", "/artifacts/read", {"slot_id": "slot_0", "path": "auth.txt"}),
     ("POST", "/artifacts/list", {"slot_id": "slot_0", "path": "."}),
@@ -126,6 +128,8 @@ def test_execute_item_problem_is_a_failed_result(
     ("route", "body"),
     [
         ("/reset", {"slot_id": "slot_9"}),
+        ("/cancel", {"slot_id": "slot_9"}),
+        ("/slots/owner", {"slot_id": "slot_9", "lease": {"trajectory_id": "t"}}),
         ("/artifacts/read", {"slot_id": "slot_9", "path": "x"}),
         ("/artifacts/list", {"slot_id": "nope"}),
     ],
@@ -253,7 +257,7 @@ def test_health(sandbox: SandboxServer) -> None:
     assert health["busy_slots"] == 0
     assert health["isolation"] == "bwrap"
     assert health["version"] == __version__
-    assert health["protocol_version"] == PROTOCOL_VERSION == 2
+    assert health["protocol_version"] == PROTOCOL_VERSION == 3
     assert health["uptime_s"] >= 0
 
 

@@ -376,4 +376,5 @@ def test_stream_and_batch_agree_on_item_errors(sandbox: SandboxServer) -> None:
         {k: v for k, v in line.items() if k != "index"}
         for line in batch(sandbox, items, "/batch/stream")
     ]
-    assert httpx.get(sandbox.url + "/health").json()["protocol_version"] == 2
+    # Old executors need 2 or later: a newer protocol only adds.
+    assert httpx.get(sandbox.url + "/health").json()["protocol_version"] >= 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,15 +29,19 @@ from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.settings import ExecutorSettings
 from atropos_agent.executor.transport import AiohttpTransport
 from atropos_agent.models import (
+    MAX_ID_CHARS,
     ArtifactArchiveRequest,
     ArtifactArchiveResponse,
     ArtifactListRequest,
     ArtifactListResponse,
     ArtifactReadRequest,
     ArtifactReadResponse,
+    CancelRequest,
+    CancelResponse,
     ExecuteBatchRequest,
     ExecuteBatchResponse,
     ExecuteRequest,
+    GroupReleaseResponse,
     HealthResponse,
     ReleaseRequest,
     ReleaseResponse,
@@ -46,6 +50,8 @@ from atropos_agent.models import (
     ToolResult,
     ToolsResponse,
     TrajectoriesResponse,
+    TrajectoryInfo,
+    TrajectoryRequest,
 )
 from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
 from atropos_agent.serving import (
@@ -103,31 +109,74 @@ async def tools(request: Request) -> ToolsResponse:
 
 @router.get("/trajectories")
 async def trajectories(
-    request: Request, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+    request: Request,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+    group: str | None = Query(None, max_length=MAX_ID_CHARS),
 ) -> TrajectoriesResponse:
-    return executor_of(request).describe_trajectories(offset, limit)
+    return executor_of(request).describe_trajectories(offset, limit, group)
+
+
+@router.post("/trajectories")
+async def open_trajectory(body: TrajectoryRequest, request: Request) -> TrajectoryInfo:
+    return await executor_of(request).open_trajectory(body.trajectory_id, body)
 
 
 @router.post("/execute")
 async def execute(call: ExecuteRequest, request: Request) -> ToolResult:
     executor = executor_of(request)
     executor.admit()
-    return await executor.execute(call.trajectory_id, call.tool, call.timeout_s)
+    watcher = cancel_on_disconnect(request, executor, [asyncio.current_task()])
+    try:
+        return await executor.execute(call.trajectory_id, call.tool, call.timeout_s, call)
+    finally:
+        watcher.cancel()
 
 
 @router.post("/execute_batch")
 async def execute_batch(batch: ExecuteBatchRequest, request: Request) -> ExecuteBatchResponse:
     executor = executor_of(request)
     executor.admit(len(batch.calls))
-    results = await asyncio.gather(
-        *(executor.execute(c.trajectory_id, c.tool, c.timeout_s) for c in batch.calls)
-    )
-    return ExecuteBatchResponse(results=list(results))
+    running = [
+        asyncio.ensure_future(executor.execute(c.trajectory_id, c.tool, c.timeout_s, c))
+        for c in batch.calls
+    ]
+    watcher = cancel_on_disconnect(request, executor, running)
+    try:
+        return ExecuteBatchResponse(results=list(await asyncio.gather(*running)))
+    finally:
+        watcher.cancel()
+
+
+def cancel_on_disconnect(
+    request: Request, executor: Executor, calls: Sequence[asyncio.Future[Any] | None]
+) -> asyncio.Task[None]:
+    """A watch that cancels ``calls`` (their commands killed) if the client goes away before
+    the answer; their results are kept only for a retry with the same uniq_id. The caller
+    cancels the watch when it answers."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for call in calls:
+            if isinstance(call, asyncio.Task):
+                executor.cancel_task(call, "the client disconnected before the answer")
+
+    return asyncio.ensure_future(watch())
 
 
 @router.post("/release", response_model_exclude_none=True)
-async def release(body: ReleaseRequest, request: Request) -> ReleaseResponse:
-    return await executor_of(request).release(body.trajectory_id, body.reset_workspace)
+async def release(body: ReleaseRequest, request: Request) -> ReleaseResponse | GroupReleaseResponse:
+    executor = executor_of(request)
+    if body.group is not None:
+        return await executor.release_group(body.group, body.reset_workspace)
+    assert body.trajectory_id is not None
+    return await executor.release(body.trajectory_id, body.reset_workspace)
+
+
+@router.post("/cancel")
+async def cancel(body: CancelRequest, request: Request) -> CancelResponse:
+    return executor_of(request).cancel(body.trajectory_id)
 
 
 @router.post("/artifacts/read")

@@ -73,10 +73,17 @@ class Batcher:
     async def submit(self, item: BatchItem) -> BatchResult:
         """Queue one sandbox call and wait for its result; ``SandboxUnavailable`` when the
         sandbox does not answer it."""
-        if self.closed:
-            raise SandboxUnavailable(f"sandbox at {self.sandbox.url} is gone")
+        return await self.enqueue(item)
+
+    def enqueue(self, item: BatchItem) -> asyncio.Future[BatchResult]:
+        """Queue one sandbox call; its result (or ``SandboxUnavailable``) comes in the future."""
         loop = asyncio.get_running_loop()
         call = PendingCall(item, loop.create_future())
+        # Whoever gave up waiting for it (a cancelled call) leaves its error unread: read here.
+        call.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self.closed:
+            call.future.set_exception(SandboxUnavailable(f"sandbox at {self.sandbox.url} is gone"))
+            return call.future
         self.calls_by_slot[item.slot_id] += 1
         call.future.add_done_callback(lambda _: self._answered(item.slot_id))
         self.pending.append(call)
@@ -89,7 +96,7 @@ class Batcher:
                 loop.call_soon(self._flush)
         elif self.timer is None:
             self.timer = loop.call_later(self.window_s, self._flush)
-        return await call.future
+        return call.future
 
     def _answered(self, slot_id: str) -> None:
         self.calls_by_slot[slot_id] -= 1

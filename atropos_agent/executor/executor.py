@@ -6,6 +6,9 @@
   trajectories never wait for each other, beyond the sandbox they share.
 - A trajectory whose workspace was lost (its sandbox died) or expired gets a clear error on
   every call until it is released; releasing it clears that, and its next call starts fresh.
+- A call retried with its ``uniq_id`` runs once (``replays.py``); a call can be cancelled
+  (``POST /cancel``, or its client going away), which kills its command in the sandbox.
+- Every failed result says its ``error_kind`` and whether a retry can help (``error_kinds.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from atropos_agent.errors import (
     ExternalToolError,
@@ -27,13 +29,18 @@ from atropos_agent.errors import (
     ShuttingDown,
     TrajectoryBusy,
     UnknownTrajectory,
+    WorkspaceGone,
 )
+from atropos_agent.executor import error_kinds
+from atropos_agent.executor.call_tasks import SHUTDOWN, CallTasks
 from atropos_agent.executor.external_tools import ExternalTools
 from atropos_agent.executor.lease_journal import LeaseJournal
 from atropos_agent.executor.leases import Lease
 from atropos_agent.executor.pool import Pool
+from atropos_agent.executor.replays import Key, ReplayLimits, Replays, digest_of, replayed
 from atropos_agent.executor.sandbox_client import SandboxClient
 from atropos_agent.executor.settings import CallSettings
+from atropos_agent.executor.trajectories import Ending, LatencyWindow, Trajectory, ended_result
 from atropos_agent.models import (
     MAX_TIMEOUT_S,
     ArtifactArchiveRequest,
@@ -42,6 +49,9 @@ from atropos_agent.models import (
     ArtifactListResponse,
     ArtifactReadRequest,
     ArtifactReadResponse,
+    CancelResponse,
+    GroupReleaseResponse,
+    LeaseOptions,
     ReleaseResponse,
     StatusResponse,
     ToolCall,
@@ -55,6 +65,7 @@ from atropos_agent.sandbox.protocol import (
     SlotArtifactArchiveRequest,
     SlotArtifactListRequest,
     SlotArtifactReadRequest,
+    SlotLease,
 )
 from atropos_agent.sandbox.tools import SANDBOX_TOOLS
 
@@ -63,52 +74,13 @@ log = logging.getLogger("atropos.executor")
 # How many ended trajectories are remembered, to answer their late calls clearly.
 ENDED_MEMORY = 100_000
 RELEASE_WAIT_S = MAX_TIMEOUT_S + 60.0
+# How long a cancelled command is chased in its sandbox (a cancel that arrives before the
+# command started there is sent again until the command's answer comes back).
+SANDBOX_CANCEL_S = 5.0
+SANDBOX_CANCEL_RETRY_S = 0.05
 ArtifactRequest = ArtifactReadRequest | ArtifactListRequest | ArtifactArchiveRequest
 R = TypeVar("R", ArtifactReadResponse, ArtifactListResponse, ArtifactArchiveResponse)
 S = TypeVar("S", SlotArtifactReadRequest, SlotArtifactListRequest, SlotArtifactArchiveRequest)
-
-
-@dataclass
-class Trajectory:
-    trajectory_id: str
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    lease: Lease | None = None
-    created: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    calls: int = 0
-    in_flight: int = 0
-
-    def describe(self) -> TrajectoryInfo:
-        lease = self.lease
-        return TrajectoryInfo(
-            trajectory_id=self.trajectory_id,
-            sandbox_id=lease.sandbox.sandbox_id if lease else None,
-            slot_id=lease.slot_id if lease else None,
-            age_s=round(time.time() - self.created, 3),
-            idle_s=round(time.monotonic() - self.last_used, 3),
-            calls=self.calls,
-            in_flight=self.in_flight,
-        )
-
-
-class LatencyWindow:
-    """The latest N call latencies, for percentiles in /status."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.samples: deque[float] = deque(maxlen=size)
-
-    def add(self, seconds: float) -> None:
-        self.samples.append(seconds)
-
-    def describe(self) -> dict[str, float]:
-        ordered = sorted(self.samples)
-        if not ordered:
-            return {}
-
-        def at(fraction: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000, 3)
-
-        return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "samples": len(ordered)}
 
 
 class Executor:
@@ -125,19 +97,21 @@ class Executor:
         # Which trajectories hold or held leases, for the executor started after this one.
         self.journal = journal or LeaseJournal.in_memory()
         self.trajectories: dict[str, Trajectory] = {}
-        self.ended: OrderedDict[str, str] = OrderedDict()
+        self.ended: OrderedDict[str, Ending] = OrderedDict()
+        self.replays = Replays(
+            ReplayLimits(settings.replay_max_bytes, settings.replay_per_trajectory)
+        )
         self.in_service = 0
         self.total_requests = 0
         self.total_errors = 0
         self.latency = LatencyWindow()
         self.sweeper: asyncio.Task[None] | None = None
-        # The tasks running execute(), so that a shutdown can answer them (begin_shutdown).
-        self.calls_in_flight: set[asyncio.Task[object]] = set()
-        self.draining = False
-        self.drainer: asyncio.TimerHandle | None = None
+        # The tasks of calls in the service: cancel, shutdown (call_tasks.py).
+        self.calls = CallTasks()
 
     async def start(self) -> None:
         self._recall_lost_workspaces()
+        self.pool.adopt = self._adopt
         await self.pool.start()
         await self.external.start()
         self.sweeper = asyncio.create_task(self._expire_idle(), name="lease-expiry")
@@ -147,8 +121,7 @@ class Executor:
             # Never started, or refused at start since an executor of the same identity runs:
             # the pool (on Nomad, its job) is that executor's. Stop nothing.
             return
-        if self.drainer is not None:
-            self.drainer.cancel()
+        self.calls.stop()
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -165,18 +138,41 @@ class Executor:
         for trajectory_id in left:
             self._remember_end(
                 trajectory_id,
-                f"workspace lost for trajectory {trajectory_id!r}: the executor restarted, and "
-                "this workspace did not survive the restart. Its files and processes are gone; "
-                "release the trajectory to start over",
+                Ending(
+                    f"workspace lost for trajectory {trajectory_id!r}: the executor restarted, "
+                    "and this workspace did not survive the restart. Its files and processes "
+                    "are gone; release the trajectory to start over"
+                ),
             )
         if left:
             log.warning("event=leases_of_previous_run count=%d", len(left))
+
+    def _adopt(self, lease: Lease, owner: SlotLease) -> bool:
+        """Take over a lease a sandbox recorded (a sandbox that outlived the executor before
+        this one): its trajectory's next call finds its files."""
+        trajectory_id = owner.trajectory_id
+        if trajectory_id in self.trajectories:
+            return False  # it leased another slot here meanwhile: that one is its workspace
+        trajectory = Trajectory(trajectory_id, lease=lease, group=owner.group)
+        if owner.expires_at is not None:
+            trajectory.expires_at = time.monotonic() + max(0.0, owner.expires_at - time.time())
+        trajectory.owner_recorded = True
+        self.trajectories[trajectory_id] = trajectory
+        self.ended.pop(trajectory_id, None)
+        self.journal.record(trajectory_id, lease.sandbox.sandbox_id, lease.slot_id)
+        log.info(
+            "event=lease_adopted trajectory=%s sandbox=%s slot=%s",
+            trajectory_id,
+            lease.sandbox.sandbox_id,
+            lease.slot_id,
+        )
+        return True
 
     # ---- calls
 
     def admit(self, count: int = 1) -> None:
         """Count calls into the service, refusing beyond the queue bound and when stopping."""
-        if self.draining:
+        if self.calls.draining:
             raise ShuttingDown("the executor is shutting down and takes no new calls; retry")
         if self.in_service + count > self.settings.max_queue:
             raise QueueFull(
@@ -186,65 +182,132 @@ class Executor:
         self.in_service += count
 
     async def execute(
-        self, trajectory_id: str, tool: ToolCall, timeout_s: float | None
+        self,
+        trajectory_id: str,
+        tool: ToolCall,
+        timeout_s: float | None,
+        options: LeaseOptions | None = None,
     ) -> ToolResult:
-        """One call, already admitted; answered with a ToolResult whatever happens."""
+        """One call, already admitted; answered with a ToolResult whatever happens.
+
+        A call whose trainer set its ``uniq_id`` runs once: sent again while it runs, it waits
+        for the same result; sent again later, it gets the stored one (``replayed``).
+        """
         started = time.monotonic()
         self.total_requests += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self.calls_in_flight.add(task)
+        key = (trajectory_id, tool.uniq_id) if "uniq_id" in tool.model_fields_set else None
+        digest = digest_of(tool, timeout_s) if key is not None else ""
         try:
-            result = await self._execute(trajectory_id, tool, timeout_s)
-        except asyncio.CancelledError:
-            if not (self.draining and task is not None and task.uncancel() == 0):
-                raise
-            result = ToolResult.failure(
-                "the executor shut down while this call ran: the command was stopped and may "
-                "have had part of its effect; retry it on the restarted service",
-                shutting_down=True,
-                retryable=True,
-            )
+            result = await self._replayed(key, digest) if key is not None else None
+            if result is None:
+                result = await self._run_once(key, digest, trajectory_id, tool, timeout_s, options)
         finally:
             self.in_service -= 1
-            self.calls_in_flight.discard(task)
         result.uniq_id = tool.uniq_id
         if not result.success:
             self.total_errors += 1
+            error_kinds.label(result)
         self.latency.add(time.monotonic() - started)
         return result
+
+    async def _replayed(self, key: Key, digest: str) -> ToolResult | None:
+        """The result of the same call made earlier, once it is there; None: none."""
+        running = self.replays.running_call(key, digest)
+        if running is not None:
+            return replayed(await asyncio.shield(running))
+        return self.replays.replay(key, digest)
+
+    async def _run_once(
+        self,
+        key: Key | None,
+        digest: str,
+        trajectory_id: str,
+        tool: ToolCall,
+        timeout_s: float | None,
+        options: LeaseOptions | None,
+    ) -> ToolResult:
+        if key is not None:
+            self.replays.begin(key, digest)
+        result = ToolResult.failure(
+            "the call was interrupted before it had a result", sandbox_unavailable=True
+        )
+        try:
+            result = await self._run(trajectory_id, tool, timeout_s, options)
+        finally:
+            if key is not None:
+                self.replays.finish(key, result)
+        return result
+
+    async def _run(
+        self,
+        trajectory_id: str,
+        tool: ToolCall,
+        timeout_s: float | None,
+        options: LeaseOptions | None,
+    ) -> ToolResult:
+        """The call, in its own task's name: a cancellation of that task (a shutdown, a
+        ``/cancel``, the client leaving) becomes a result that says so."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.calls.add(task)
+        try:
+            return await self._execute(trajectory_id, tool, timeout_s, options, task)
+        except asyncio.CancelledError:
+            reason = self.calls.why_cancelled(task)
+            if reason is None:
+                raise
+            if reason == SHUTDOWN:
+                return ToolResult.failure(
+                    "the executor shut down while this call ran: its answer is lost. Retry it "
+                    "with the same uniq_id on the restarted service",
+                    shutting_down=True,
+                )
+            return ToolResult.failure(f"cancelled: {reason}", cancelled=True)
+        finally:
+            self.calls.done(task)
+
+    def cancel_task(self, task: asyncio.Task[object], reason: str) -> bool:
+        """Cancel one call's task; its result says ``cancelled: <reason>``."""
+        return self.calls.cancel(task, reason)
+
+    def cancel(self, trajectory_id: str, reason: str = "by POST /cancel") -> CancelResponse:
+        """Stop the trajectory's calls: the one running (its command is killed in the sandbox)
+        and those queued behind it."""
+        trajectory = self.trajectories.get(trajectory_id)
+        cancelled: list[str] = []
+        if trajectory is not None:
+            for task, uniq_id in list(trajectory.tasks.items()):
+                if self.calls.cancel(task, reason):
+                    cancelled.append(uniq_id)
+        if cancelled:
+            log.info("event=calls_cancelled trajectory=%s count=%d", trajectory_id, len(cancelled))
+        return CancelResponse(trajectory_id=trajectory_id, cancelled=cancelled)
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Take no new calls; answer those still running after ``grace_s`` with a clear,
         retryable failure (so that the server's own wait for them ends in a bound)."""
-        if self.draining:
-            return
-        self.draining = True
-        count = len(self.calls_in_flight)
-        log.info("event=shutdown_begun calls_in_flight=%d grace_s=%g", count, grace_s)
-        self.drainer = asyncio.get_running_loop().call_later(grace_s, self._end_calls_in_flight)
-
-    def _end_calls_in_flight(self) -> None:
-        if self.calls_in_flight:
-            log.warning("event=calls_ended_by_shutdown count=%d", len(self.calls_in_flight))
-        for task in list(self.calls_in_flight):
-            task.cancel("executor shutting down")
+        self.calls.begin_shutdown(grace_s)
 
     async def _execute(
-        self, trajectory_id: str, tool: ToolCall, timeout_s: float | None
+        self,
+        trajectory_id: str,
+        tool: ToolCall,
+        timeout_s: float | None,
+        options: LeaseOptions | None,
+        task: asyncio.Task[object],
     ) -> ToolResult:
         timeout = effective_timeout(timeout_s, tool.arguments.get("timeout"))
         is_sandbox = tool.name in SANDBOX_TOOLS
         if not is_sandbox and not self.external.has(tool.name):
             known = sorted(SANDBOX_TOOLS | self.external.names())
             return ToolResult.failure(
-                f"unknown tool {tool.name!r}; available tools: {', '.join(known)}"
+                f"unknown tool {tool.name!r}; available tools: {', '.join(known)}",
+                bad_request=True,
             )
         while True:
-            trajectory = self.trajectories.get(trajectory_id)
-            if trajectory is None:
-                trajectory = self.trajectories[trajectory_id] = Trajectory(trajectory_id)
+            trajectory = self.trajectory(trajectory_id, options)
             trajectory.in_flight += 1
+            trajectory.tasks[task] = tool.uniq_id
             try:
                 async with trajectory.lock:
                     if self.trajectories.get(trajectory_id) is not trajectory:
@@ -258,27 +321,34 @@ class Executor:
                     return await self._external_call(trajectory_id, tool, timeout)
             finally:
                 trajectory.in_flight -= 1
+                trajectory.tasks.pop(task, None)
                 trajectory.last_used = time.monotonic()
+
+    def trajectory(self, trajectory_id: str, options: LeaseOptions | None = None) -> Trajectory:
+        """The trajectory, made on its first call; ``options`` count until it holds a lease."""
+        trajectory = self.trajectories.get(trajectory_id)
+        if trajectory is None:
+            trajectory = self.trajectories[trajectory_id] = Trajectory(trajectory_id)
+        if options is not None and trajectory.lease is None:
+            if options.group is not None:
+                trajectory.group = options.group
+            if options.lease_ttl_s is not None:
+                trajectory.lease_ttl_s = options.lease_ttl_s
+        return trajectory
 
     async def _sandbox_call(
         self, trajectory: Trajectory, tool: ToolCall, timeout: float
     ) -> ToolResult:
         ended = self.ended.get(trajectory.trajectory_id)
         if ended is not None:
-            return ToolResult.failure(ended, workspace_lost=True)
+            return ended_result(ended)
         if trajectory.lease is None:
             try:
-                trajectory.lease = await self.pool.acquire(
-                    trajectory.trajectory_id, self.settings.acquire_timeout_s
-                )
+                await self._take_lease(trajectory)
             except NoFreeSlot as exc:
                 return ToolResult.failure(exc.message, acquire_timeout=True)
-            self.journal.record(
-                trajectory.trajectory_id,
-                trajectory.lease.sandbox.sandbox_id,
-                trajectory.lease.slot_id,
-            )
         lease = trajectory.lease
+        assert lease is not None
         if lease.lost:
             return self._lose(trajectory, "its sandbox stopped")
         item = BatchItem(
@@ -287,9 +357,16 @@ class Executor:
             args=tool.arguments,
             uniq_id=tool.uniq_id,
             timeout=timeout,
+            lease=None if trajectory.owner_recorded else trajectory.slot_lease(),
         )
+        answered = lease.sandbox.batcher.enqueue(item)
         try:
-            answer = await lease.sandbox.batcher.submit(item)
+            # Shielded: a cancelled call leaves the sandbox's answer to come, and chases it.
+            answer = await asyncio.shield(answered)
+        except asyncio.CancelledError:
+            if not answered.done() and not self.calls.draining:
+                self.pool.own(self._cancel_in_sandbox(lease, answered), f"cancel-{lease.slot_id}")
+            raise
         except SandboxUnavailable as exc:
             # The failed call is one strike; a failed health check now is the second.
             await self.pool.probe(lease.sandbox, failures_to_retire=1)
@@ -298,30 +375,60 @@ class Executor:
                     trajectory, f"its sandbox stopped during this call ({exc.message})"
                 )
             return ToolResult.failure(
-                f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc.message}"
+                f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc.message}",
+                sandbox_unavailable=True,
             )
+        trajectory.owner_recorded = True
         metadata = answer.metadata
         metadata.update(sandbox_id=lease.sandbox.sandbox_id, slot_id=lease.slot_id)
         return ToolResult(
             success=answer.success, output=answer.output, error=answer.error, metadata=metadata
         )
 
+    async def _take_lease(self, trajectory: Trajectory) -> Lease:
+        """A slot for the trajectory (``NoFreeSlot`` when none comes in time), its lifetime
+        set, and written down for the executor that may follow this one."""
+        lease = await self.pool.acquire(trajectory.trajectory_id, self.settings.acquire_timeout_s)
+        trajectory.lease = lease
+        trajectory.owner_recorded = False
+        lifetimes = [t for t in (trajectory.lease_ttl_s, self.settings.lease_max_age_s) if t]
+        if lifetimes:
+            trajectory.expires_at = time.monotonic() + min(lifetimes)
+        self.journal.record(trajectory.trajectory_id, lease.sandbox.sandbox_id, lease.slot_id)
+        return lease
+
+    async def _cancel_in_sandbox(self, lease: Lease, answered: asyncio.Future[Any]) -> None:
+        """Kill the command of a cancelled call in its slot. A cancel that reaches the sandbox
+        before the command started there finds nothing: send it again until the command's
+        answer is back, for at most ``SANDBOX_CANCEL_S``."""
+        deadline = time.monotonic() + SANDBOX_CANCEL_S
+        while not answered.done() and time.monotonic() < deadline:
+            try:
+                if await lease.sandbox.client.cancel(lease.slot_id):
+                    return
+            except SandboxUnavailable as exc:
+                log.warning("event=sandbox_cancel_failed slot=%s error=%s", lease.slot_id, exc)
+                return
+            await asyncio.wait([answered], timeout=SANDBOX_CANCEL_RETRY_S)
+
     def _lose(self, trajectory: Trajectory, why: str) -> ToolResult:
         message = (
             f"workspace lost for trajectory {trajectory.trajectory_id!r}: {why}. Its "
             "files and processes are gone; release the trajectory to start over"
         )
-        self._end(trajectory, message)
-        return ToolResult.failure(message, workspace_lost=True)
+        ending = Ending(message, group=trajectory.group)
+        self._end(trajectory, ending)
+        return ended_result(ending)
 
-    def _end(self, trajectory: Trajectory, message: str) -> None:
+    def _end(self, trajectory: Trajectory, ending: Ending) -> None:
         if trajectory.lease is not None:
             self.pool.release(trajectory.lease)
             trajectory.lease = None
-        self._remember_end(trajectory.trajectory_id, message)
+            trajectory.expires_at = None
+        self._remember_end(trajectory.trajectory_id, ending)
 
-    def _remember_end(self, trajectory_id: str, message: str) -> None:
-        self.ended[trajectory_id] = message
+    def _remember_end(self, trajectory_id: str, ending: Ending) -> None:
+        self.ended[trajectory_id] = ending
         self.ended.move_to_end(trajectory_id)
         while len(self.ended) > ENDED_MEMORY:
             forgotten, _ = self.ended.popitem(last=False)
@@ -333,7 +440,7 @@ class Executor:
         try:
             return await self.external.execute(trajectory_id, tool, timeout)
         except ExternalToolError as exc:
-            return ToolResult.failure(exc.message)
+            return ToolResult.failure(exc.message, sandbox_unavailable=True)
 
     # ---- release and expiry
 
@@ -343,6 +450,7 @@ class Executor:
         The slot is always reset before another trajectory gets it; ``reset_workspace`` only
         decides whether the answer waits for that reset.
         """
+        self.replays.forget(trajectory_id)
         trajectory = self.trajectories.get(trajectory_id)
         if trajectory is None:
             if self.ended.pop(trajectory_id, None) is not None:
@@ -371,15 +479,50 @@ class Executor:
         note = None if ended is None else "lease had already ended"
         return ReleaseResponse(released=lease is not None, note=note)
 
+    async def release_group(self, group: str, reset_workspace: bool) -> GroupReleaseResponse:
+        """Release every trajectory of ``group``: calls still running are cancelled first (a
+        trainer releasing a group is done with it)."""
+        members = [t.trajectory_id for t in self.trajectories.values() if t.group == group]
+        ended = [tid for tid, ending in self.ended.items() if ending.group == group]
+        for trajectory_id in members:
+            self.cancel(trajectory_id, f"group {group!r} was released")
+        answers = await asyncio.gather(
+            *(self.release(tid, reset_workspace) for tid in dict.fromkeys(members + ended)),
+            return_exceptions=True,
+        )
+        released = sum(1 for answer in answers if isinstance(answer, ReleaseResponse))
+        log.info("event=group_released group=%s trajectories=%d", group, released)
+        return GroupReleaseResponse(group=group, released=released)
+
+    async def open_trajectory(self, trajectory_id: str, options: LeaseOptions) -> TrajectoryInfo:
+        """``POST /trajectories``: the trajectory's lease, taken now if it has none."""
+        trajectory = self.trajectory(trajectory_id, options)
+        async with trajectory.lock:
+            ended = self.ended.get(trajectory_id)
+            if ended is not None:
+                raise WorkspaceGone(ended.message)
+            if trajectory.lease is None:
+                lease = await self._take_lease(trajectory)
+                try:
+                    await lease.sandbox.client.set_owner(lease.slot_id, trajectory.slot_lease())
+                    trajectory.owner_recorded = True
+                except SandboxUnavailable as exc:  # recorded with its first call instead
+                    log.warning("event=owner_not_recorded slot=%s error=%s", lease.slot_id, exc)
+            trajectory.last_used = time.monotonic()
+        return trajectory.describe()
+
     async def _expire_idle(self) -> None:
         expiry = self.settings.lease_idle_expiry_s
         while True:
-            await asyncio.sleep(min(max(expiry / 4, 0.05), 5.0))
-            cutoff = time.monotonic() - expiry
+            await asyncio.sleep(min(max(expiry / 4, 0.05), 1.0))
+            now = time.monotonic()
             for trajectory in list(self.trajectories.values()):
+                if trajectory.expires_at is not None and trajectory.expires_at <= now:
+                    self._end_by_lifetime(trajectory)
+                    continue
                 if trajectory.in_flight or trajectory.lock.locked():
                     continue
-                if trajectory.last_used > cutoff:
+                if trajectory.last_used > now - expiry:
                     continue
                 del self.trajectories[trajectory.trajectory_id]
                 if trajectory.lease is not None:
@@ -388,14 +531,28 @@ class Executor:
                         trajectory.trajectory_id,
                         trajectory.lease.slot_id,
                     )
-                    self._end(
-                        trajectory,
-                        (
-                            f"lease of trajectory {trajectory.trajectory_id!r} expired after "
-                            f"{expiry:g}s idle; its workspace was reset. Release the trajectory "
-                            "to start over"
-                        ),
+                    message = (
+                        f"lease of trajectory {trajectory.trajectory_id!r} expired after "
+                        f"{expiry:g}s idle; its workspace was reset. Release the trajectory "
+                        "to start over"
                     )
+                    self._end(trajectory, Ending(message, True, trajectory.group))
+
+    def _end_by_lifetime(self, trajectory: Trajectory) -> None:
+        """The lease outlived its lifetime: its running calls are cancelled, then it ends."""
+        if trajectory.tasks:
+            self.cancel(trajectory.trajectory_id, "the lease's lifetime ended")
+            return  # ended on a later sweep, once its calls have let go of the slot
+        if trajectory.lock.locked():
+            return
+        if self.trajectories.get(trajectory.trajectory_id) is trajectory:
+            del self.trajectories[trajectory.trajectory_id]
+        log.info("event=lease_lifetime_ended trajectory=%s", trajectory.trajectory_id)
+        message = (
+            f"lease of trajectory {trajectory.trajectory_id!r} reached the end of its lifetime; "
+            "its workspace was reset. Release the trajectory to start over"
+        )
+        self._end(trajectory, Ending(message, True, trajectory.group))
 
     # ---- artifacts
 
@@ -430,8 +587,9 @@ class Executor:
             ended = self.ended.get(trajectory_id)
             return answer(
                 success=False,
-                error=ended
-                or f"No active slot for trajectory {trajectory_id!r}: make a sandbox call first",
+                error=ended.message
+                if ended is not None
+                else f"No active slot for trajectory {trajectory_id!r}: make a sandbox call first",
             )
         async with trajectory.lock:
             lease = trajectory.lease
@@ -450,8 +608,13 @@ class Executor:
 
     # ---- reporting
 
-    def describe_trajectories(self, offset: int, limit: int) -> TrajectoriesResponse:
-        ordered = sorted(self.trajectories.values(), key=lambda t: t.created)
+    def describe_trajectories(
+        self, offset: int, limit: int, group: str | None = None
+    ) -> TrajectoriesResponse:
+        members = self.trajectories.values()
+        if group is not None:
+            members = [t for t in members if t.group == group]  # type: ignore[assignment]
+        ordered = sorted(members, key=lambda t: t.created)
         page = ordered[offset : offset + limit]
         return TrajectoriesResponse(
             total=len(ordered),
@@ -471,4 +634,5 @@ class Executor:
             latency=self.latency.describe(),
             max_queue=self.settings.max_queue,
             external_tools=self.external.describe(),
+            replays=self.replays.describe(),
         )

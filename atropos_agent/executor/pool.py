@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from atropos_agent.executor.sandbox_client import SandboxClient
 from atropos_agent.executor.scaling import wanted_sandboxes
 from atropos_agent.executor.settings import PoolSettings
 from atropos_agent.executor.transport import AiohttpTransport, Transport
+from atropos_agent.sandbox.protocol import SlotLease
 
 log = logging.getLogger("atropos.pool")
 
@@ -72,6 +73,9 @@ class Pool:
         self.started = False
         self.backend_error: str | None = None
         self.lost_sandboxes = 0
+        # Asked, for a slot a sandbox records as leased when this executor admits it, whether
+        # the executor takes that lease over (True) or the slot is reset (False).
+        self.adopt: Callable[[Lease, SlotLease], bool] | None = None
 
     # ---- life cycle
 
@@ -233,9 +237,11 @@ class Pool:
             return
         batcher = Batcher(client, self.settings.batch_window_s, self.settings.max_batch_size)
         # A sandbox this executor did not start (a restarted executor taking over a running
-        # Nomad job) may hold workspaces of earlier trajectories: reset those before use.
-        used = [slot.slot_id for slot in slots if slot.calls]
-        free = [slot.slot_id for slot in slots if not slot.calls]
+        # Nomad job) may hold workspaces of earlier trajectories: a slot whose owner the
+        # executor adopts stays that trajectory's; every other used slot is reset before use.
+        owned = {slot.slot_id: slot.owner for slot in slots if slot.owner is not None}
+        used = [slot.slot_id for slot in slots if slot.calls or slot.slot_id in owned]
+        free = [slot.slot_id for slot in slots if slot.slot_id not in used]
         sandbox = PoolSandbox(
             info,
             client,
@@ -246,14 +252,22 @@ class Pool:
             instance_id=health.instance_id,
         )
         self.sandboxes[info.sandbox_id] = sandbox
-        for slot_id in used:
+        for slot_id, owner in owned.items():
+            sandbox.leased[slot_id] = owner.trajectory_id
+            lease = Lease(owner.trajectory_id, sandbox, slot_id)
+            if self.adopt is not None and self.adopt(lease, owner):
+                sandbox.resetting.discard(slot_id)
+            else:
+                del sandbox.leased[slot_id]
+        for slot_id in sorted(sandbox.resetting):
             self.own(self._reset_slot(sandbox, slot_id), f"reset-{slot_id}")
         log.info(
-            "event=sandbox_admitted sandbox=%s url=%s slots=%d resetting=%d",
+            "event=sandbox_admitted sandbox=%s url=%s slots=%d resetting=%d adopted=%d",
             info.sandbox_id,
             info.url,
             len(slots),
-            len(used),
+            len(sandbox.resetting),
+            len(sandbox.leased),
         )
 
     def retire(self, sandbox: PoolSandbox, reason: str) -> None:

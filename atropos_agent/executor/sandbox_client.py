@@ -1,10 +1,11 @@
 """``SandboxClient``: the one object that speaks to a sandbox server.
 
-Every request the executor makes to a sandbox goes through here: health, slots, reset, batch
-streams, artifacts, and the wait for a starting sandbox. It owns the sandbox's address and
-token, checks the protocol version when a sandbox is admitted, and turns every way a sandbox
-can fail to answer into ``SandboxUnavailable`` (or ``ProtocolMismatch``) naming the sandbox.
-Payloads are the typed models of ``sandbox/protocol.py``, which the sandbox server imports too.
+Every request the executor makes to a sandbox goes through here: health, slots (and their
+owners), reset, cancel, batch streams, artifacts, and the wait for a starting sandbox. It owns
+the sandbox's address and token, checks the protocol version when a sandbox is admitted, and
+turns every way a sandbox can fail to answer into ``SandboxUnavailable`` (or
+``ProtocolMismatch``) naming the sandbox. Payloads are the typed models of
+``sandbox/protocol.py``, which the sandbox server imports too.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from atropos_agent.models import (
 from atropos_agent.sandbox.protocol import (
     MIN_PROTOCOL_VERSION,
     BatchItem,
+    CancelResponse,
     ResetResponse,
     SandboxHealth,
     SlotArtifactArchiveRequest,
     SlotArtifactListRequest,
     SlotArtifactReadRequest,
+    SlotLease,
+    SlotOwnerRequest,
     SlotRequest,
     SlotsResponse,
     SlotState,
@@ -41,6 +45,8 @@ from atropos_agent.web import without_lone_surrogates
 
 HEALTH_TIMEOUT_S = 2.0
 RESET_TIMEOUT_S = 60.0
+# The sandbox waits up to 5 s (slot.CANCEL_WAIT_S) for the cancelled call's answer.
+CANCEL_TIMEOUT_S = 15.0
 ARTIFACT_TIMEOUT_S = 120.0
 # Time a sandbox gets beyond the longest timeout in a batch before the executor gives up.
 BATCH_GRACE_S = 30.0
@@ -101,6 +107,24 @@ class SandboxClient:
             await asyncio.sleep(HEALTH_POLL_S)
 
     # ---- slots
+
+    async def slots(self) -> list[SlotState]:
+        """Every slot's state, its owner included (protocol 3)."""
+        answer = await self._call("GET", "/slots", None, SlotsResponse, HEALTH_TIMEOUT_S)
+        return answer.slots
+
+    async def cancel(self, slot_id: str) -> bool:
+        """Stop the call the slot runs now (protocol 3); True when one ran and was stopped.
+        Its own answer still arrives on its batch stream, marked ``metadata.cancelled``."""
+        body = SlotRequest(slot_id=slot_id).model_dump_json().encode()
+        answer = await self._call("POST", "/cancel", body, CancelResponse, CANCEL_TIMEOUT_S)
+        return answer.cancelled
+
+    async def set_owner(self, slot_id: str, lease: SlotLease | None) -> SlotState:
+        """Record ``lease`` as the slot's owner (None: no owner) without running anything
+        (protocol 3); the slot's state."""
+        body = SlotOwnerRequest(slot_id=slot_id, lease=lease).model_dump_json().encode()
+        return await self._call("POST", "/slots/owner", body, SlotState, HEALTH_TIMEOUT_S)
 
     async def reset(self, slot_id: str) -> None:
         """Kill every process of the slot and wipe its workspace."""

@@ -61,6 +61,11 @@ class ExecutorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=9001, ge=0, le=65535)
     lease_idle_expiry_s: float = Field(default=1800.0, gt=0)
+    # Every lease ends this long after it was taken, used or not (unset: only idle expiry).
+    lease_max_age_s: float | None = Field(default=None, gt=0)
+    # Results kept so that a call retried with its uniq_id runs once (executor/replays.py).
+    replay_max_mb: int = Field(default=256, ge=1)
+    replay_per_trajectory: int = Field(default=1024, ge=1)
     max_queue: int = Field(default=10_000, ge=1, description="calls in the service at once")
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     scale_down_idle_s: float = Field(
@@ -168,6 +173,9 @@ class ExecutorSettings(BaseSettings):
             max_queue=self.max_queue,
             acquire_timeout_s=self.acquire_timeout_s,
             lease_idle_expiry_s=self.lease_idle_expiry_s,
+            lease_max_age_s=self.lease_max_age_s,
+            replay_max_bytes=self.replay_max_mb * 1024 * 1024,
+            replay_per_trajectory=self.replay_per_trajectory,
         )
 
     def local(self) -> LocalSettings:
@@ -263,6 +271,9 @@ class CallSettings:
     max_queue: int
     acquire_timeout_s: float
     lease_idle_expiry_s: float
+    lease_max_age_s: float | None = None
+    replay_max_bytes: int = 256 * 1024 * 1024
+    replay_per_trajectory: int = 1024
 
 
 @dataclass(frozen=True)

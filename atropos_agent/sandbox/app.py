@@ -1,8 +1,9 @@
 """The sandbox server's HTTP face: thin routes over the ``Sandbox`` (``server.py``).
 
 Each route parses its body into a protocol model (``protocol.py``), hands it to the sandbox,
-and answers with a response model. Errors are ``AtroposError``s (unknown slot 404 on /reset
-and /artifacts/*, slot queue full 503), answered by ``web.install_error_handlers``.
+and answers with a response model. Errors are ``AtroposError``s (unknown slot 404 on /reset,
+/cancel, /slots/owner and /artifacts/*, slot queue full 503), answered by
+``web.install_error_handlers``.
 
 The call routes (``/batch``, ``/batch/stream``, ``/execute``) take the body as raw JSON: each
 item is checked alone (``Sandbox.admit``), so an unknown slot or tool or an invalid field fails
@@ -39,13 +40,16 @@ from atropos_agent.sandbox.agent.framing import (
 from atropos_agent.sandbox.protocol import (
     BatchItem,
     BatchResult,
+    CancelResponse,
     ResetResponse,
     SandboxHealth,
     SlotArtifactArchiveRequest,
     SlotArtifactListRequest,
     SlotArtifactReadRequest,
+    SlotOwnerRequest,
     SlotRequest,
     SlotsResponse,
+    SlotState,
     StreamedResult,
 )
 from atropos_agent.sandbox.server import RESULT, RESULTS, Admitted, Sandbox
@@ -178,6 +182,19 @@ async def reset(body: SlotRequest, request: Request) -> ResetResponse:
     await sandbox_of(request).slot(body.slot_id).reset()
     # The old containers' answer, with our fields beside it.
     return ResetResponse(output=f"Reset workspace for {body.slot_id}", slot_id=body.slot_id)
+
+
+@router.post("/cancel", response_model=CancelResponse)
+async def cancel(body: SlotRequest, request: Request) -> CancelResponse:
+    """Stop the call the slot runs now (not those queued behind it), as a timeout would."""
+    cancelled = await sandbox_of(request).cancel(body.slot_id)
+    return CancelResponse(slot_id=body.slot_id, cancelled=cancelled)
+
+
+@router.post("/slots/owner", response_model=SlotState)
+async def slot_owner(body: SlotOwnerRequest, request: Request) -> SlotState:
+    """Record who holds the slot (an executor leasing it without a call), running nothing."""
+    return sandbox_of(request).set_owner(body.slot_id, body.lease)
 
 
 # Artifact answers take the artifact response shapes, failures included (success false + error).

@@ -2,7 +2,8 @@
 
 Version 1 is the old containers' protocol (``/batch``, ``/execute``, ``/reset``, ``/slots``,
 ``/artifacts/*`` keyed by ``slot_id``); version 2 keeps its shapes, adds fields, and adds
-``POST /batch/stream``. See docs/protocol.md.
+``POST /batch/stream``; version 3 adds ``POST /cancel`` and slot owners (an item's ``lease``,
+``POST /slots/owner``, ``owner`` in ``/slots``). See docs/protocol.md.
 
 Names: a call's id is ``uniq_id`` in code on both sides, as the trainer names it; on this hop
 its wire name is ``execution_id``, the old containers' name for it. ``index`` in a streamed
@@ -25,9 +26,12 @@ from atropos_agent.models import (
     IdText,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # The oldest sandbox protocol this executor drives: it needs POST /batch/stream.
 MIN_PROTOCOL_VERSION = 2
+# The first protocol with POST /cancel and slot owners: an older sandbox has neither route and
+# ignores an item's ``lease``, so an executor asks it for neither.
+CANCEL_AND_OWNER_VERSION = 3
 
 
 class WireModel(BaseModel):
@@ -38,11 +42,23 @@ class WireModel(BaseModel):
     )
 
 
+class SlotLease(BaseModel):
+    """A lease on a slot as the executor records it there: the sandbox keeps it as the slot's
+    owner and shows it in ``/slots``, so that an executor started again can adopt the leases
+    of a sandbox that outlived it. The sandbox never acts on it (expiry is the executor's)."""
+
+    trajectory_id: Identifier
+    group: Identifier | None = None
+    # Unix time the lease expires at; None: it expires only when idle, by the executor's rule.
+    expires_at: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
 class BatchItem(WireModel):
     """One tool call for one slot.
 
     ``args.allow_network: false`` (the old executor's per-item switch) runs the call without
     network even on a server that allows it; ``true`` never widens the server's setting.
+    ``lease`` (protocol 3) records the caller's lease as the slot's owner when the call runs.
     """
 
     # The executor's calls pass the same bounds (models.ToolCall), so it never sends an item
@@ -52,6 +68,7 @@ class BatchItem(WireModel):
     args: Arguments = Field(default_factory=dict)
     uniq_id: IdText | None = Field(default=None, alias="execution_id")
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    lease: SlotLease | None = None
 
 
 class BatchResult(WireModel):
@@ -100,6 +117,8 @@ class SlotState(BaseModel):
     started_at: float | None = None
     # The network mode the slot's agent runs in (a call may switch it; see docs/sandbox.md).
     network: bool | None = None
+    # The lease last recorded on the slot (protocol 3); None: none since its last reset.
+    owner: SlotLease | None = None
 
 
 class SlotsResponse(BaseModel):
@@ -108,6 +127,21 @@ class SlotsResponse(BaseModel):
 
 class SlotRequest(BaseModel):
     slot_id: Identifier
+
+
+class CancelResponse(BaseModel):
+    """``POST /cancel``: whether a call was running in the slot and was stopped."""
+
+    slot_id: str
+    cancelled: bool
+
+
+class SlotOwnerRequest(BaseModel):
+    """``POST /slots/owner``: record ``lease`` as the slot's owner (null: no owner), running
+    nothing; answered with the slot's state."""
+
+    slot_id: Identifier
+    lease: SlotLease | None
 
 
 class ResetResponse(BaseModel):

@@ -10,6 +10,8 @@ and that slot's agent (``agent/``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -36,7 +38,9 @@ from atropos_agent.sandbox.protocol import (
     BatchResult,
     SandboxHealth,
     SlotArtifactRequest,
+    SlotLease,
     SlotsResponse,
+    SlotState,
     StreamedResult,
 )
 from atropos_agent.sandbox.runtime import install_runtime
@@ -56,6 +60,16 @@ STREAMED: SafeJsonAdapter[StreamedResult] = SafeJsonAdapter(StreamedResult)
 ITEMS = TypeAdapter(list[BatchItem])
 # An admitted batch entry: a call to run, or the failed result of an item that cannot run.
 Admitted = BatchItem | BatchResult
+
+
+def call_key(item: BatchItem) -> tuple[str | None, str]:
+    """The item's call id and a digest of what it asks: a call sent again under the same id
+    and asking the same is answered from the slot's recent results (``slot.Slot.recent``);
+    an id reused for another call runs that call."""
+    if item.uniq_id is None:
+        return None, ""
+    asked = json.dumps([item.tool, item.args, item.timeout], sort_keys=True, default=str)
+    return item.uniq_id, hashlib.blake2b(asked.encode(), digest_size=16).hexdigest()
 
 
 def batch_result(item: BatchItem, answer: dict[str, Any]) -> BatchResult:
@@ -195,7 +209,8 @@ class Sandbox:
     # ---- requests
 
     def slot(self, slot_id: str) -> Slot:
-        """The slot for /reset and /artifacts/*; an unknown one is a 404 there."""
+        """The slot for /reset, /cancel, /slots/owner and /artifacts/*; an unknown one is a
+        404 there."""
         found = self.slots.get(slot_id)
         if found is None:
             last = len(self.slots) - 1
@@ -281,7 +296,8 @@ class Sandbox:
                 assert item is not None
                 timeout = self.timeout_for(item.timeout)
                 request = {"op": OP_TOOL, "tool": item.tool, "args": item.args, "timeout": timeout}
-                calls.append(Call(request, timeout, self.network_for(item)))
+                network = self.network_for(item)
+                calls.append(Call(request, timeout, network, item.lease, *call_key(item)))
 
             def finished(number: int, answer: dict[str, Any]) -> None:
                 position = positions[number]
@@ -343,6 +359,16 @@ class Sandbox:
         slot = self.slot(request.slot_id)
         fields = request.model_dump(exclude={"slot_id"})
         return await slot.call({"op": op, **fields}, ARTIFACT_TIMEOUT_S)
+
+    async def cancel(self, slot_id: str) -> bool:
+        """Stop the call ``slot_id`` runs now; True when one ran and was stopped."""
+        return await self.slot(slot_id).cancel()
+
+    def set_owner(self, slot_id: str, lease: SlotLease | None) -> SlotState:
+        """Record ``lease`` as the slot's owner without running anything; the slot's state."""
+        slot = self.slot(slot_id)
+        slot.set_owner(lease)
+        return slot.describe()
 
     # ---- descriptions
 

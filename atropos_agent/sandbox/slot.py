@@ -7,6 +7,14 @@ different slots run in parallel. A slot whose agent dies or stops answering is k
 A slot's agent runs in one network mode at a time. A call that needs the other mode (its item
 said ``allow_network: false`` on a server that allows the network, or the next call did not)
 restarts the agent in that mode first: files are kept, its processes end, the result says so.
+
+A cancel stops the call the agent runs now, without waiting for the slot: it is a frame on the
+same pipe (``agent/framing.py``), written while the call holds the slot, and read by the agent
+in the loop that supervises the running command. Calls queued behind it run as they would.
+
+A slot may have an owner: the lease an executor recorded on it (a batch item's ``lease``, or
+``POST /slots/owner``), kept so that an executor started again can learn who held the slot.
+The slot only keeps and shows it; a reset clears it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import shutil
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +34,7 @@ from typing import Any, NamedTuple
 from atropos_agent.errors import SandboxStartError, SlotBusy
 from atropos_agent.sandbox.agent.framing import (
     FRAME_HEADER,
+    OP_CANCEL,
     OP_SHUTDOWN,
     body_length,
     decode_body,
@@ -32,7 +42,7 @@ from atropos_agent.sandbox.agent.framing import (
 )
 from atropos_agent.sandbox.agent.results import failure
 from atropos_agent.sandbox.isolation import Launch, SlotPaths, launch_for
-from atropos_agent.sandbox.protocol import SlotState
+from atropos_agent.sandbox.protocol import SlotLease, SlotState
 from atropos_agent.sandbox.settings import SandboxSettings
 
 log = logging.getLogger("atropos.sandbox")
@@ -42,15 +52,28 @@ AGENT_START_TIMEOUT_S = 20.0
 AGENT_GRACE_S = 15.0
 # Time an agent gets to clean up after it is asked to stop, before it is killed.
 AGENT_STOP_TIMEOUT_S = 3.0
+# Longest wait for a cancelled call's answer: a command ends at once, but a call that runs no
+# command (an artifact archive) finishes first, and then it was not cancelled.
+CANCEL_WAIT_S = 5.0
+
+
+# Results a slot keeps for calls sent again: an executor restarted mid-call retries its last
+# calls, not older ones. A result is at most the output bound (64 KiB by default).
+RECENT_RESULTS = 16
 
 
 class Call(NamedTuple):
-    """One request for a slot's agent, the time it may take, and the network mode it needs
-    (None: whichever mode the agent runs in, as artifact operations)."""
+    """One request for a slot's agent, the time it may take, the network mode it needs
+    (None: whichever mode the agent runs in, as artifact operations), the lease the caller
+    holds the slot by (None: the owner stays as it is), and the call's id with a digest of
+    what it asks (None: never answered from the slot's recent results)."""
 
     request: dict[str, Any]
     timeout_s: float
     network: bool | None = None
+    lease: SlotLease | None = None
+    call_id: str | None = None
+    digest: str = ""
 
 
 def network_changed(network: bool) -> str:
@@ -136,6 +159,15 @@ class Slot:
         self.lost_reason: str | None = None
         # The network mode of the slot's agent: the server's, until a call asks otherwise.
         self.network = settings.allow_network
+        # Whether a request is with the agent now (sent, its answer not yet read).
+        self.answering = False
+        # Made by a cancel, resolved when that answer arrives: whether it says cancelled.
+        self.cancel_waiter: asyncio.Future[bool] | None = None
+        # The lease an executor recorded on the slot; kept and shown, never acted on.
+        self.owner: SlotLease | None = None
+        # The latest results by call id, so that a call sent again (its executor restarted
+        # while it ran) is answered once more instead of run twice. Reset forgets them.
+        self.recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
 
     # ---- life cycle
 
@@ -211,6 +243,8 @@ class Slot:
         """Kill every process of the slot, wipe its workspace and /tmp, start it as new (in
         the server's network mode)."""
         async with self.lock:
+            self.set_owner(None)
+            self.recent.clear()
             await self.stop()
             await asyncio.to_thread(wipe_dir, self.paths.workspace)
             await asyncio.to_thread(wipe_dir, self.paths.tmp)
@@ -253,6 +287,23 @@ class Slot:
             self.pending -= len(requests)
 
     async def _call_locked(self, call: Call) -> dict[str, Any]:
+        if call.lease is not None:
+            self.set_owner(call.lease)
+        if call.call_id is not None:
+            recent = self.recent.get(call.call_id)
+            if recent is not None and recent[0] == call.digest:
+                answer = dict(recent[1])
+                answer["metadata"] = {**(answer.get("metadata") or {}), "replayed": True}
+                return answer
+        result = await self._run_locked(call)
+        if call.call_id is not None and not (result.get("metadata") or {}).get("slot_lost"):
+            self.recent[call.call_id] = (call.digest, result)
+            self.recent.move_to_end(call.call_id)
+            while len(self.recent) > RECENT_RESULTS:
+                self.recent.popitem(last=False)
+        return result
+
+    async def _run_locked(self, call: Call) -> dict[str, Any]:
         request, timeout_s = call.request, call.timeout_s
         reasons = []
         switch = call.network is not None and call.network != self.network
@@ -270,6 +321,8 @@ class Slot:
             log.info("event=slot_network_mode slot=%s network=%s", self.slot_id, self.network)
             reasons.append(network_changed(self.network))
         self.calls += 1
+        self.answering = True
+        result: dict[str, Any] | None = None
         try:
             await self._send(request)
             result = await asyncio.wait_for(self._receive(), timeout_s + AGENT_GRACE_S)
@@ -297,9 +350,45 @@ class Slot:
                 "are kept, and the next call starts the slot again",
                 slot_lost=True,
             )
+        finally:
+            self.answering = False
+            waiter, self.cancel_waiter = self.cancel_waiter, None
+            if waiter is not None and not waiter.done():
+                metadata = (result or {}).get("metadata") or {}
+                waiter.set_result(bool(metadata.get("cancelled")))
         if reasons:
             result.setdefault("metadata", {})["slot_restarted"] = "; ".join(reasons)
         return result
+
+    async def cancel(self) -> bool:
+        """Stop the call the agent runs now (not those queued behind it); True when it was
+        stopped, as its answer says. Idle, or the call ends first: False."""
+        if not self.answering or self.process is None or self.process.returncode is not None:
+            return False
+        if self.cancel_waiter is None:  # made here, not per call: the hot path stays bare
+            self.cancel_waiter = asyncio.get_running_loop().create_future()
+        waiter = self.cancel_waiter
+        # Not under ``self.lock``: the running call holds it. Frames cannot interleave all the
+        # same: ``_send`` hands a whole frame to the pipe's transport in one synchronous write.
+        with contextlib.suppress(ConnectionError):
+            await self._send({"op": OP_CANCEL})
+        try:
+            stopped = await asyncio.wait_for(asyncio.shield(waiter), CANCEL_WAIT_S)
+        except TimeoutError:
+            stopped = False
+        log.info("event=slot_cancel slot=%s cancelled=%s", self.slot_id, stopped)
+        return stopped
+
+    def set_owner(self, lease: SlotLease | None) -> None:
+        """Record who holds the slot (None: nobody). On the hot path (a call that carries its
+        lease) this is one comparison: the owner rarely changes."""
+        if lease != self.owner:
+            self.owner = lease
+            log.info(
+                "event=slot_owner slot=%s trajectory=%s",
+                self.slot_id,
+                lease.trajectory_id if lease else None,
+            )
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
@@ -326,4 +415,5 @@ class Slot:
             alive=self.process is not None and self.process.returncode is None,
             started_at=self.started_at,
             network=self.network,
+            owner=self.owner,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import httpx
@@ -42,11 +43,28 @@ def test_a_request_that_never_reached_the_service_is_retried() -> None:
     assert sent == ["/execute", "/execute"]
 
 
-def test_an_execute_that_may_have_run_is_not_sent_twice() -> None:
+def test_an_execute_is_sent_again_with_the_same_uniq_id() -> None:
+    """Safe because the service runs a call once per uniq_id (docs/executor.md)."""
+    sent_ids: list[str] = []
+    sent, handle = scripted(
+        httpx.RemoteProtocolError("server disconnected"), httpx.Response(200, json=RESULT)
+    )
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        sent_ids.append(json.loads(request.content)["tool"]["uniq_id"])
+        return handle(request)
+
+    with client_for(recording) as client:
+        assert client.execute("t", "terminal", {"command": "echo once >> f"}).success
+    assert sent == ["/execute", "/execute"]
+    assert len(sent_ids) == 2 and sent_ids[0] == sent_ids[1]
+
+
+def test_a_release_that_may_have_happened_is_not_sent_twice() -> None:
     sent, handle = scripted(httpx.RemoteProtocolError("server disconnected"))
     with client_for(handle) as client, pytest.raises(httpx.RemoteProtocolError):
-        client.execute("t", "terminal", {"command": "echo once >> f"})
-    assert sent == ["/execute"]
+        client.release("t")
+    assert sent == ["/release"]
 
 
 def test_a_read_is_retried_after_any_transport_failure() -> None:

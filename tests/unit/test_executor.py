@@ -137,7 +137,11 @@ def test_no_free_slot_answers_a_clear_failure_in_time() -> None:
             started = time.monotonic()
             result = await sh(executor, "c", "echo 3")
             assert time.monotonic() - started < 2.0
-            assert result.metadata == {"acquire_timeout": True}
+            assert result.metadata == {
+                "acquire_timeout": True,
+                "error_kind": "no_slot",
+                "retryable": True,
+            }
             assert "no free slot within 0.3s" in result.error
 
     run(scenario())

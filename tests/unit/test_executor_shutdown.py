@@ -26,9 +26,13 @@ def test_calls_in_flight_are_answered_when_the_grace_ends() -> None:
             assert (await finishing).success
             result = await asyncio.wait_for(stuck, 2)
             assert not result.success
-            assert result.metadata == {"shutting_down": True, "retryable": True}
+            assert result.metadata == {
+                "shutting_down": True,
+                "error_kind": "sandbox_error",
+                "retryable": True,
+            }
             assert result.uniq_id == "sleep long"
-            assert executor.in_service == 0 and not executor.calls_in_flight
+            assert executor.in_service == 0 and not executor.calls.running
 
     run(scenario())
 

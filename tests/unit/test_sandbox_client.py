@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from atropos_agent.errors import ProtocolMismatch, SandboxUnavailable
 from atropos_agent.executor.sandbox_client import SandboxClient
 from atropos_agent.executor.transport import MockResponse, MockTransport, Request
-from atropos_agent.sandbox.protocol import SlotArtifactReadRequest
+from atropos_agent.sandbox.protocol import PROTOCOL_VERSION, SlotArtifactReadRequest, SlotLease
 from tests.unit.fakes import TOKEN, FakeCluster, run
 
 
@@ -16,7 +19,7 @@ def test_admit_reads_health_and_slots_with_the_token() -> None:
     sandbox = cluster.add("http://sandbox-0", slots=3, instance_id="abc")
     sandbox.calls["slot_1"] = 4
     health, slots = run(SandboxClient(sandbox.url, cluster.transport, TOKEN).admit())
-    assert health.instance_id == "abc" and health.protocol_version == 2
+    assert health.instance_id == "abc" and health.protocol_version == PROTOCOL_VERSION
     assert [(s.slot_id, s.calls) for s in slots] == [("slot_0", 0), ("slot_1", 4), ("slot_2", 0)]
 
 
@@ -86,3 +89,51 @@ def test_wait_until_healthy_gives_up_after_its_timeout_with_the_last_error() -> 
     client = SandboxClient("http://dead", MockTransport(nobody))
     with pytest.raises(SandboxUnavailable, match=r"not healthy after 0.2s \(last: connection"):
         run(client.wait_until_healthy(0.2))
+
+
+def test_cancel_posts_the_slot_and_reads_whether_a_call_was_stopped() -> None:
+    sent: list[Request] = []
+
+    async def answer(request: Request) -> MockResponse:
+        sent.append(request)
+        return MockResponse(200, b'{"slot_id": "slot_1", "cancelled": true}')
+
+    client = SandboxClient("http://s", MockTransport(answer), TOKEN)
+    assert run(client.cancel("slot_1")) is True
+    assert (sent[0].method, sent[0].url) == ("POST", "http://s/cancel")
+    assert json.loads(sent[0].body or b"") == {"slot_id": "slot_1"}
+    assert sent[0].headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_set_owner_sends_the_lease_and_slots_read_owners_back() -> None:
+    owners: dict[str, Any] = {}
+
+    async def answer(request: Request) -> MockResponse:
+        if request.url.endswith("/slots/owner"):
+            body = json.loads(request.body or b"")
+            owners[body["slot_id"]] = body["lease"]
+            state = {"slot_id": body["slot_id"], "owner": body["lease"]}
+            return MockResponse(200, json.dumps(state).encode())
+        slots = [{"slot_id": s, "owner": owners.get(s)} for s in ("slot_0", "slot_1")]
+        return MockResponse(200, json.dumps({"slots": slots}).encode())
+
+    client = SandboxClient("http://s", MockTransport(answer))
+    lease = SlotLease(trajectory_id="t-1", group="run-7", expires_at=1_900_000_000.0)
+    state = run(client.set_owner("slot_1", lease))
+    assert state.slot_id == "slot_1" and state.owner == lease
+    assert owners["slot_1"] == {"trajectory_id": "t-1", "group": "run-7", "expires_at": 1.9e9}
+    assert [(s.slot_id, s.owner) for s in run(client.slots())] == [
+        ("slot_0", None),
+        ("slot_1", lease),
+    ]
+    assert run(client.set_owner("slot_1", None)).owner is None
+    assert owners["slot_1"] is None
+
+
+def test_a_protocol_2_sandbox_has_no_cancel_route() -> None:
+    async def answer(request: Request) -> MockResponse:
+        return MockResponse(404, b'{"error": "Not Found"}')
+
+    client = SandboxClient("http://v2", MockTransport(answer))
+    with pytest.raises(SandboxUnavailable, match="answered 404: Not Found"):
+        run(client.cancel("slot_0"))

@@ -2,6 +2,11 @@
 
 A frame is a 4-byte big-endian length, then that many bytes of JSON in UTF-8. Both ends import
 this module: the agent (standard library only) and the server's ``sandbox/slot.py``.
+
+The server sends one request and reads its answer before it sends the next, with two
+exceptions, sent while a call may run: ``cancel``, answered by that call's own (cancelled)
+answer, and by nothing when it finds the agent idle (the call it meant had already finished);
+and ``shutdown``, which the server sends when it stops, whatever the slot is doing.
 """
 
 from __future__ import annotations
@@ -22,9 +27,19 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 # The ``op`` of a request. The agent's first frame (``{"ready": true, ...}``) has none.
 OP_TOOL = "tool"
 OP_SHUTDOWN = "shutdown"
+OP_CANCEL = "cancel"
 OP_ARTIFACT_READ = "artifact_read"
 OP_ARTIFACT_LIST = "artifact_list"
 OP_ARTIFACT_ARCHIVE = "artifact_archive"
+
+
+class ChannelError(Exception):
+    """The frame stream with the server is broken (a frame no honest peer sends, or an early
+    end): the agent cannot tell which answer belongs to which request, so it stops."""
+
+
+class StopRequested(Exception):
+    """The server sent ``shutdown`` while a call ran: the agent stops without answering it."""
 
 
 # A str may hold lone surrogates (os.listdir's names for file names that are not UTF-8);

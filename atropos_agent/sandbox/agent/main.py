@@ -3,6 +3,10 @@
 Started by the server as ``python -I -S <runtime dir> '<config json>'`` (``sandbox/runtime.py``
 lays the directory out; its ``__main__.py`` calls ``main()``). The agent's stdin and stdout are
 the pipe to the server; commands never see them.
+
+A ``cancel`` frame is read where it can act, in the loop that supervises a running command
+(``processes.Runner``); one read here found the agent idle, too late for the call it meant,
+and gets no answer, so that answers stay in step with requests.
 """
 
 from __future__ import annotations
@@ -13,9 +17,17 @@ import sys
 
 from .artifacts import ARTIFACTS
 from .config import AgentConfig, apply_limits
-from .framing import OP_SHUTDOWN, OP_TOOL, read_frame, write_frame
+from .framing import (
+    OP_CANCEL,
+    OP_SHUTDOWN,
+    OP_TOOL,
+    ChannelError,
+    StopRequested,
+    read_frame,
+    write_frame,
+)
 from .processes import Runner
-from .results import ToolError, failure
+from .results import ToolError, cancelled, failure
 from .shell import StatefulShell
 from .tools import TOOLS
 from .workspace import Workspace
@@ -30,15 +42,21 @@ if TYPE_CHECKING:
 class Agent:
     """One slot's agent: its config, its workspace, how it runs commands, its stateful shell."""
 
-    def __init__(self, config: AgentConfig, child_exited_r: int = -1) -> None:
+    def __init__(self, config: AgentConfig, child_exited_r: int = -1, requests_r: int = -1) -> None:
         self.config = config
         self.workspace = Workspace(config.root, config.scratch, config.disk_bytes)
-        self.runner = Runner(config, self.workspace, child_exited_r)
+        self.runner = Runner(config, self.workspace, child_exited_r, requests_r)
         self.shell = StatefulShell(self.runner)
         # The tmux session's keeper, made on the first tmux call (agent/tmux.py).
         self.tmux: Tmux | None = None
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer to one request; marked cancelled when the server cancelled it meanwhile."""
+        self.runner.cancelled = False
+        answer = self.answer(request)
+        return cancelled(answer) if self.runner.cancelled else answer
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """The answer to one request; a ``ToolError`` becomes a failure with its message."""
         op = request.get("op")
         try:
@@ -56,6 +74,8 @@ class Agent:
             return failure(f"unknown agent operation {op!r}")
         except ToolError as exc:
             return failure(str(exc))
+        except (ChannelError, StopRequested):
+            raise  # no answer is wanted, or none could be matched to its request any more
         except Exception as exc:  # the agent must answer every request, whatever went wrong
             return failure(f"internal error in the slot agent: {exc!r}")
 
@@ -69,15 +89,25 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.chdir(config.root)
-    agent = Agent(config, apply_limits(config))
+    agent = Agent(config, apply_limits(config), channel_in)
     write_frame(channel_out, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
-    while True:
-        try:
-            request = read_frame(channel_in)
-        except ValueError as exc:
-            raise SystemExit(f"agent: {exc}") from None
-        if request is None or request.get("op") == OP_SHUTDOWN:
-            break
-        write_frame(channel_out, agent.handle(request))
+    try:
+        serve(agent, channel_in, channel_out)
+    except StopRequested:
+        pass  # the server stops, mid-call: as below
+    except (ChannelError, ValueError) as exc:
+        agent.runner.kill_tree(os.getpid(), 0)
+        raise SystemExit(f"agent: {exc}") from None
     # Whether asked to stop or abandoned by the server, leave no process of the slot behind.
     agent.runner.kill_tree(os.getpid(), 0)
+
+
+def serve(agent: Agent, channel_in: int, channel_out: int) -> None:
+    """Answer requests until the server says stop or closes the channel."""
+    while True:
+        request = read_frame(channel_in)
+        if request is None or request.get("op") == OP_SHUTDOWN:
+            return
+        if request.get("op") == OP_CANCEL:
+            continue  # the call it meant has already been answered
+        write_frame(channel_out, agent.handle(request))

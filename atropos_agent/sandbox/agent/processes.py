@@ -4,15 +4,21 @@ The agent is a child subreaper (``config.apply_limits``), so every process a com
 behind (background children, double-forked daemons) is re-parented to the agent rather than
 escaping to the host's init. That is how a timeout kills *everything* a command started: its
 descendants, and the agent's children that started after it did.
+
+While a command runs, the agent's one thread sits in ``Runner.supervise``; that loop also
+watches the request channel, so that a ``cancel`` frame from the server ends the call at once,
+with the same kill a timeout makes.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import time
 
+from .framing import OP_CANCEL, OP_SHUTDOWN, ChannelError, StopRequested, read_frame
 from .output import CommandOutput, OutputCapture
 from .results import command_result, failure, limits_seen
 
@@ -92,21 +98,35 @@ def drain(fd: int, capture: OutputCapture) -> None:
 
 
 class Outcome:
-    """How supervising a command ended: which limits it hit, and the stateful status line."""
+    """How supervising a command ended: which limits it hit, whether the call was cancelled,
+    and the stateful status line."""
 
-    def __init__(self, limit_hit: list[str], status_line: bytes) -> None:
+    def __init__(self, limit_hit: list[str], status_line: bytes, cancelled: bool) -> None:
         self.limit_hit = limit_hit
         self.status_line = status_line
+        self.cancelled = cancelled
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the command was stopped before its end (and so must be killed)."""
+        return bool(self.limit_hit) or self.cancelled
 
 
 class Runner:
     """Starts commands in the slot's environment and holds them to its limits."""
 
-    def __init__(self, config: AgentConfig, workspace: Workspace, child_exited_r: int) -> None:
+    def __init__(
+        self, config: AgentConfig, workspace: Workspace, child_exited_r: int, requests_r: int = -1
+    ) -> None:
         self.config = config
         self.workspace = workspace
         # Readable when a child of the agent exited (SIGCHLD wake-up fd; -1: not watched).
         self.child_exited_r = child_exited_r
+        # The server's request channel, watched while a command runs (-1: not watched).
+        self.requests_r = requests_r
+        # Set when the server cancelled the call now running (the agent clears it per call):
+        # its command ends at once, and so does any the call would start after it.
+        self.cancelled = False
         # Long-lived children whose owner must learn when they are reaped (the stateful
         # shell): pid -> what to call then.
         self.watched: dict[int, Callable[[], None]] = {}
@@ -183,7 +203,7 @@ class Runner:
             os.close(out_r)
             if err_r >= 0:
                 os.close(err_r)
-        if outcome.limit_hit:
+        if outcome.stopped:
             # The kill reaps the command too: its exit status is "killed", not a code.
             killed = self.kill_tree(pid, since)
             exit_code = None
@@ -191,7 +211,9 @@ class Runner:
             killed = 0
             exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         self.reap()
-        return self.finish(output, exit_code, outcome.limit_hit, killed, started, timeout)
+        return self.finish(
+            output, exit_code, outcome.limit_hit, killed, started, timeout, outcome.cancelled
+        )
 
     def supervise(
         self,
@@ -207,7 +229,8 @@ class Runner:
         err_r: int = -1,
         err_capture: OutputCapture | None = None,
     ) -> Outcome:
-        """Pump output until the command finishes, times out, or exceeds the disk bound.
+        """Pump output until the command finishes, times out, exceeds the disk bound, or the
+        server cancels the call.
 
         A command has finished when its process exits, or, with ``done_r`` (the stateful
         shell's status pipe), when a status line arrives there. With ``err_r``, stderr comes
@@ -226,6 +249,8 @@ class Runner:
             selector.register(self.child_exited_r, selectors.EVENT_READ, "child")
         if done_r >= 0:
             selector.register(done_r, selectors.EVENT_READ, "done")
+        if self.requests_r >= 0:
+            selector.register(self.requests_r, selectors.EVENT_READ, "request")
         pending = memoryview(stdin_data)
         if in_w >= 0:
             # Fed as the pipe takes it: a command that never reads its stdin cannot block us.
@@ -239,6 +264,8 @@ class Runner:
         status_line = b""
         try:
             while not finished:
+                if self.cancelled:
+                    break
                 now = time.monotonic()
                 if now >= deadline:
                     limit_hit.append("timeout")
@@ -273,6 +300,8 @@ class Runner:
                         status_line += chunk
                         if b"\n" in status_line or not chunk:
                             finished = True
+                    elif key.data == "request":
+                        self.read_request()
                     elif key.data == "in":
                         try:
                             pending = pending[os.write(in_w, pending[:65536]) :]
@@ -291,7 +320,34 @@ class Runner:
             os.close(pidfd)
             if in_w >= 0:
                 os.close(in_w)
-        return Outcome(limit_hit, status_line)
+        return Outcome(limit_hit, status_line, self.cancelled)
+
+    def read_request(self) -> None:
+        """Read the frame the server sent while a call runs: a ``cancel``, or the ``shutdown``
+        of a server that stops; anything else breaks the channel (the server sends a slot's
+        calls one at a time)."""
+        try:
+            message = read_frame(self.requests_r)
+        except ValueError as exc:
+            raise ChannelError(f"malformed frame while a call ran: {exc}") from None
+        if message is None:
+            raise ChannelError("the server closed the channel while a call ran")
+        if message.get("op") == OP_SHUTDOWN:
+            raise StopRequested
+        if message.get("op") != OP_CANCEL:
+            raise ChannelError(f"unexpected frame while a call ran: op {message.get('op')!r}")
+        self.cancelled = True
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a tool's wait that runs no command), ended early by a cancel."""
+        deadline = time.monotonic() + seconds
+        while not self.cancelled and (left := deadline - time.monotonic()) > 0:
+            if self.requests_r < 0:
+                time.sleep(left)
+                return
+            ready, _, _ = select.select([self.requests_r], [], [], left)
+            if ready:
+                self.read_request()
 
     def finish(
         self,
@@ -301,6 +357,7 @@ class Runner:
         killed: int,
         started: float,
         timeout: float | None = None,
+        was_cancelled: bool = False,
     ) -> dict[str, Any]:
         """The result of a command that ended: its limits read, the disk bound enforced."""
         limit_hit = limit_hit + limits_seen(output, exit_code, killed, self.config)
@@ -309,7 +366,9 @@ class Runner:
             # A writer left running in the background would go on filling the disk: stop
             # every process of the slot (the stateful shell restarts on its next call).
             killed += self.kill_tree(os.getpid(), 0)
-        return command_result(output, exit_code, limit_hit, killed, started, self.config, timeout)
+        return command_result(
+            output, exit_code, limit_hit, killed, started, self.config, timeout, was_cancelled
+        )
 
     def reap(self, keep: int = -1) -> None:
         """Collect exit statuses of re-parented orphans so they do not linger as zombies.

@@ -1,7 +1,8 @@
 """What a call answers: the one failure shape, and a command's result read from how it ended.
 
 Every answer is ``{success, output, error, metadata}``. ``failure()`` is the only place a failed
-answer is built, here and in the server (``sandbox/slot.py``, ``sandbox/server.py``).
+answer is built, here and in the server (``sandbox/slot.py``, ``sandbox/server.py``);
+``cancelled()`` turns the answer of a call the server cancelled into one.
 
 Limits are rlimits, not cgroups (docs/sandbox.md), so a memory or process limit shows only in
 what the command reports: its exit status and output. The markers below are those reports.
@@ -34,6 +35,8 @@ PROCESS_MARKERS = (
 )
 FILE_SIZE_MARKERS = (b"file too large", b"file size limit exceeded")
 MIB = 1024 * 1024
+# The error of a call the server cancelled while it ran (``processes.Runner.cancelled``).
+CANCELLED = "cancelled: the call was stopped before it finished"
 
 
 class ToolError(Exception):
@@ -42,6 +45,19 @@ class ToolError(Exception):
 
 def failure(message: str, **metadata: Any) -> dict[str, Any]:
     return {"success": False, "output": "", "error": message, "metadata": metadata}
+
+
+def cancelled(answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` of a call that was cancelled: failed and marked so, its output kept. An error
+    that already says it was cancelled (and what became of the tool's state) stays."""
+    error = answer.get("error") or ""
+    metadata = {**(answer.get("metadata") or {}), "cancelled": True}
+    return {
+        **answer,
+        "success": False,
+        "error": error if error.startswith(CANCELLED) else CANCELLED,
+        "metadata": metadata,
+    }
 
 
 def limits_seen(
@@ -69,11 +85,13 @@ def command_result(
     started: float,
     config: AgentConfig,
     timeout: float | None = None,
+    was_cancelled: bool = False,
 ) -> dict[str, Any]:
     """The answer to a command, in the old service's shape with ours beside it.
 
-    ``exit_code`` is None when the command was killed for a limit (reported as ``-1``, as
-    the old service did); ``timeout`` is the one asked for, named in the timeout's error.
+    ``exit_code`` is None when the command was killed for a limit or a cancel (reported as
+    ``-1``, as the old service did); ``timeout`` is the one asked for, named in the timeout's
+    error.
     """
     metadata: dict[str, Any] = {
         "exit_code": -1 if exit_code is None else exit_code,
@@ -96,7 +114,10 @@ def command_result(
     if limit_hit:
         metadata["limit_hit"] = limit_hit
     error = ""
-    if "timeout" in limit_hit:
+    if was_cancelled:
+        metadata["cancelled"] = True
+        error = CANCELLED
+    elif "timeout" in limit_hit:
         metadata["timeout"] = True
         metadata["timed_out"] = True
         asked = timeout if timeout is not None else metadata["duration_ms"] / 1000

@@ -2,7 +2,8 @@
 
 Commands are sent on the shell's stdin as ``eval '<quoted>'`` followed by a status line
 written to a private descriptor, so a syntax error in a command ends that command only.
-A command that times out kills the shell; the next call starts a fresh one and says so.
+A command that times out (or is cancelled) kills the shell; the next call starts a fresh one and
+says so.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class StatefulShell:
         killed = 0
         exit_code: int | None
         shell_exited = False
-        if limit_hit:
+        if outcome.stopped:
             killed = self.kill(since)
             self.restarted = True
             exit_code = None
@@ -128,7 +129,9 @@ class StatefulShell:
             self.close()
             self.restarted = True
         runner.reap()
-        result = runner.finish(output, exit_code, limit_hit, killed, started, timeout)
+        result = runner.finish(
+            output, exit_code, limit_hit, killed, started, timeout, outcome.cancelled
+        )
         result["metadata"]["stateful"] = True
         result["metadata"]["shell_restarted"] = restarted
         if shell_exited:
@@ -137,7 +140,7 @@ class StatefulShell:
                 result["error"] + "; " if result["error"] else ""
             ) + "the stateful shell exited; the next call starts a new one"
             result["success"] = False
-        elif limit_hit:
+        elif outcome.stopped:
             result["error"] += "; the stateful shell was restarted, its state is lost"
         return result
 

@@ -26,7 +26,7 @@ import time
 from .output import OutputCapture
 from .processes import boottime_ticks
 from .recording import Recorder, read_lines
-from .results import ToolError, failure
+from .results import CANCELLED, ToolError, failure
 from .shell import shell_quote
 from .tmux_keys import flag, integer, keys_argument, seconds, send_commands, with_wait_marker
 
@@ -267,7 +267,7 @@ class Tmux:
                 raise ToolError(f"tmux send-keys failed: {self.explain(out, code)}")
         if not block:
             if min_wait:
-                time.sleep(max(0.0, min(min_wait, deadline - time.monotonic())))
+                self.runner.pause(max(0.0, min(min_wait, deadline - time.monotonic())))
             return answer("ok", blocked=False)
         waited = time.monotonic()
         code, out = self.client(["wait-for", channel], min(deadline, waited + max_wait), wait=True)
@@ -339,8 +339,9 @@ class Tmux:
         """Run one tmux client command; (exit status, None on timeout; its output).
 
         Spawned like every command of the slot (``Runner.spawn``) and supervised by the same
-        loop, so orphans are reaped and the disk bound holds while it runs. ``wait``: a
-        timeout kills the client only (a blocking wait); otherwise whatever it started too.
+        loop, so orphans are reaped, the disk bound holds and a cancel ends it while it runs.
+        ``wait``: a timeout or a cancel kills the client only (a blocking wait); otherwise
+        whatever it started too.
         """
         assert self.program is not None
         runner = self.runner
@@ -367,7 +368,7 @@ class Tmux:
         finally:
             os.close(out_r)
         code: int | None = None
-        if not outcome.limit_hit:
+        if not outcome.stopped:
             code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         elif wait:
             try:
@@ -386,6 +387,10 @@ class Tmux:
                 "exceeded; every process of the slot was stopped, the tmux session too; "
                 "delete files to continue"
             )
+        if outcome.cancelled:
+            # A cancelled wait stops waiting; what the keys started runs on in the session.
+            kept = "; the keys were sent, and what they started still runs in the session"
+            raise ToolError(CANCELLED + (kept if wait else ""))
         if code is None and not wait:
             raise ToolError(f"tmux did not answer within {timeout:g}s")
         return code, capture.text()
