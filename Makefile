@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python -m benchmarks.sandbox_throughput
 	$(BIN)/python -m benchmarks.slot_memory
 	$(BIN)/python -m benchmarks.executor_throughput
+	$(BIN)/python -m benchmarks.executor_cpu
 	$(BIN)/python -m benchmarks.executor_memory
 
 # The sandbox and executor images (Dockerfile). Needs a Docker engine; not part of `make test`.

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -47,25 +47,42 @@ class ConnectionBounds:
     body_timeout_s: float = 60.0
 
 
+# The ASGI scope key under which a request finds the callbacks to run if its client goes away
+# before the answer (a list: append to it). Present only under ``BoundedHttpProtocol``.
+ON_DISCONNECT = "atropos.on_disconnect"
+# How often the deadlines of all connections are checked (one timer per event loop, rather
+# than a timer per request, which would cost more than the request's own parsing).
+SWEEP_S = 0.5
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with deadlines for a request's headers and its body.
+    """uvicorn's httptools protocol, with deadlines for a request's headers and its body, and
+    callbacks for a client that goes away before its answer (``ON_DISCONNECT``).
 
     A missed deadline answers 408 (when no response was started) and closes the connection.
     """
 
     bounds = ConnectionBounds()
+    # Connections with a deadline, per event loop; swept every SWEEP_S.
+    watched: ClassVar[dict[asyncio.AbstractEventLoop, set[BoundedHttpProtocol]]] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.deadline: asyncio.TimerHandle | None = None
+        self.deadline_at = 0.0
+        self.deadline_part = ""
         super().connection_made(transport)
         self._arm(self.bounds.header_timeout_s, "idle")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            for callback in self.scope.get(ON_DISCONNECT, ()):  # type: ignore[attr-defined]
+                callback()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
         self._arm(self.bounds.header_timeout_s, "headers")
 
     def on_headers_complete(self) -> None:
@@ -77,22 +94,30 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def _arm(self, seconds: float, part: str) -> None:
-        self._disarm()
-        self.deadline = self.loop.call_later(seconds, self._expire, part, seconds)
+        self.deadline_at = self.loop.time() + seconds
+        self.deadline_part = part
+        watched = self.watched.get(self.loop)
+        if watched is None:
+            watched = self.watched[self.loop] = set()
+            self.loop.call_later(SWEEP_S, sweep, self.loop)
+        watched.add(self)
 
     def _disarm(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        self.deadline_part = ""
+        watched = self.watched.get(self.loop)
+        if watched is not None:
+            watched.discard(self)
 
-    def _expire(self, part: str, seconds: float) -> None:
-        self.deadline = None
+    def _expire(self) -> None:
+        part = self.deadline_part
+        self._disarm()
         if self.transport.is_closing():
             return
         if part == "idle":
             # A connection that sent nothing: closed quietly, as a keep-alive expiry is.
             self.transport.close()
             return
+        seconds = self.bounds.header_timeout_s if part == "headers" else self.bounds.body_timeout_s
         cycle = self.cycle
         log.warning(
             "event=request_timeout part=%s after_s=%g client=%s", part, seconds, self.client
@@ -106,6 +131,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
             )
         self.transport.close()
+
+
+def sweep(loop: asyncio.AbstractEventLoop) -> None:
+    """Expire the connections of ``loop`` past their deadline; again in SWEEP_S while any
+    connection has one."""
+    watched = BoundedHttpProtocol.watched.get(loop)
+    if not watched:
+        BoundedHttpProtocol.watched.pop(loop, None)
+        return
+    now = loop.time()
+    for protocol in [p for p in watched if p.deadline_at <= now]:
+        protocol._expire()
+    loop.call_later(SWEEP_S, sweep, loop)
 
 
 def bounded_protocol(bounds: ConnectionBounds) -> type[BoundedHttpProtocol]:

@@ -242,3 +242,21 @@ def test_failures_say_their_kind(service: ExecutorServer) -> None:
         assert call(service, "kinds", "true")["metadata"].get("error_kind") is None
     finally:
         release(service, "kinds")
+
+
+def test_a_disconnect_is_noticed_under_another_http_protocol_too() -> None:
+    """Under uvicorn's h11 protocol (no connection callbacks of ours) a task watches instead."""
+    server = start_executor(
+        env=settings(slots="2", max_containers="1"),
+        app_path="atropos_agent.executor.app:app",
+        args=["--http", "h11"],
+    )
+    marker = "sleep 30.34"
+    try:
+        with pytest.raises(httpx.ReadTimeout), new_client(server) as impatient:
+            impatient.timeout = httpx.Timeout(1.0)
+            call(server, "h11-leaver", marker, client=impatient)
+        wait_for(lambda: not host_processes_matching(marker), 5, "the command to be killed")
+        assert call(server, "h11-leaver", "echo next")["output"] == "next"
+    finally:
+        server.stop()

@@ -55,6 +55,7 @@ from atropos_agent.models import (
 )
 from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
 from atropos_agent.serving import (
+    ON_DISCONNECT,
     ExitDeadline,
     ShutdownWatch,
     log_events,
@@ -130,7 +131,8 @@ async def execute(call: ExecuteRequest, request: Request) -> ToolResult:
     try:
         return await executor.execute(call.trajectory_id, call.tool, call.timeout_s, call)
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 @router.post("/execute_batch")
@@ -145,22 +147,35 @@ async def execute_batch(batch: ExecuteBatchRequest, request: Request) -> Execute
     try:
         return ExecuteBatchResponse(results=list(await asyncio.gather(*running)))
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 def cancel_on_disconnect(
     request: Request, executor: Executor, calls: Sequence[asyncio.Future[Any] | None]
-) -> asyncio.Task[None]:
-    """A watch that cancels ``calls`` (their commands killed) if the client goes away before
-    the answer; their results are kept only for a retry with the same uniq_id. The caller
-    cancels the watch when it answers."""
+) -> asyncio.Task[None] | None:
+    """Cancel ``calls`` (their commands killed) if the client goes away before the answer;
+    their results are kept only for a retry with the same uniq_id.
+
+    Our HTTP protocol calls back when the connection is lost (``serving.ON_DISCONNECT``): no
+    cost per call. Under another server, a task watches for the disconnect; the caller
+    cancels it (the task returned) when it answers.
+    """
+
+    def cancel() -> None:
+        for call in calls:
+            if isinstance(call, asyncio.Task):
+                executor.cancel_task(call, "the client disconnected before the answer")
+
+    callbacks = request.scope.get(ON_DISCONNECT)
+    if callbacks is not None:
+        callbacks.append(cancel)
+        return None
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        for call in calls:
-            if isinstance(call, asyncio.Task):
-                executor.cancel_task(call, "the client disconnected before the answer")
+        cancel()
 
     return asyncio.ensure_future(watch())
 

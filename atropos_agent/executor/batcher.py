@@ -79,8 +79,6 @@ class Batcher:
         """Queue one sandbox call; its result (or ``SandboxUnavailable``) comes in the future."""
         loop = asyncio.get_running_loop()
         call = PendingCall(item, loop.create_future())
-        # Whoever gave up waiting for it (a cancelled call) leaves its error unread: read here.
-        call.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self.closed:
             call.future.set_exception(SandboxUnavailable(f"sandbox at {self.sandbox.url} is gone"))
             return call.future

@@ -196,7 +196,7 @@ class Executor:
         started = time.monotonic()
         self.total_requests += 1
         key = (trajectory_id, tool.uniq_id) if "uniq_id" in tool.model_fields_set else None
-        digest = digest_of(tool, timeout_s) if key is not None else ""
+        digest = digest_of(tool, timeout_s) if key is not None else 0
         try:
             result = await self._replayed(key, digest) if key is not None else None
             if result is None:
@@ -210,7 +210,7 @@ class Executor:
         self.latency.add(time.monotonic() - started)
         return result
 
-    async def _replayed(self, key: Key, digest: str) -> ToolResult | None:
+    async def _replayed(self, key: Key, digest: int) -> ToolResult | None:
         """The result of the same call made earlier, once it is there; None: none."""
         running = self.replays.running_call(key, digest)
         if running is not None:
@@ -220,22 +220,24 @@ class Executor:
     async def _run_once(
         self,
         key: Key | None,
-        digest: str,
+        digest: int,
         trajectory_id: str,
         tool: ToolCall,
         timeout_s: float | None,
         options: LeaseOptions | None,
     ) -> ToolResult:
-        if key is not None:
-            self.replays.begin(key, digest)
-        result = ToolResult.failure(
-            "the call was interrupted before it had a result", sandbox_unavailable=True
-        )
+        if key is None:
+            return await self._run(trajectory_id, tool, timeout_s, options)
+        self.replays.begin(key, digest)
+        result = None
         try:
             result = await self._run(trajectory_id, tool, timeout_s, options)
         finally:
-            if key is not None:
-                self.replays.finish(key, result)
+            if result is None:  # interrupted: whoever waits for it learns so
+                result = ToolResult.failure(
+                    "the call was interrupted before it had a result", sandbox_unavailable=True
+                )
+            self.replays.finish(key, result)
         return result
 
     async def _run(
@@ -364,6 +366,8 @@ class Executor:
             # Shielded: a cancelled call leaves the sandbox's answer to come, and chases it.
             answer = await asyncio.shield(answered)
         except asyncio.CancelledError:
+            # Nobody awaits the answer now: read its error when it comes, so none goes unseen.
+            answered.add_done_callback(lambda f: f.cancelled() or f.exception())
             if not answered.done() and not self.calls.draining:
                 self.pool.own(self._cancel_in_sandbox(lease, answered), f"cancel-{lease.slot_id}")
             raise

@@ -6,15 +6,14 @@ it; after it finished, the second gets its stored result with ``metadata.replaye
 are held in memory within a byte budget and a count per trajectory (oldest forgotten first),
 and forgotten when the trajectory is released.
 
-A repeat must also ask the same (tool, arguments, timeout: compared by digest): a trainer that
-reuses a ``uniq_id`` for a different call gets that call run, as the old service did.
+A repeat must also ask the same (tool, arguments, timeout: compared by digest, a hash this
+process computes for both): a trainer that reuses a ``uniq_id`` for a different call gets
+that call run, as the old service did.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
@@ -29,9 +28,9 @@ class ReplayLimits:
     per_trajectory: int = 1024
 
 
-def digest_of(tool: ToolCall, timeout_s: float | None) -> str:
-    asked = json.dumps([tool.name, tool.arguments, timeout_s], sort_keys=True, default=str)
-    return hashlib.blake2b(asked.encode(), digest_size=16).hexdigest()
+def digest_of(tool: ToolCall, timeout_s: float | None) -> int:
+    # repr, not JSON: five times cheaper, and a repeat parses to the same dict (same key order).
+    return hash(repr((tool.name, tool.arguments, timeout_s)))
 
 
 def size_of(result: ToolResult) -> int:
@@ -42,32 +41,40 @@ def size_of(result: ToolResult) -> int:
 class Replays:
     def __init__(self, limits: ReplayLimits) -> None:
         self.limits = limits
-        self.running: dict[Key, tuple[str, asyncio.Future[ToolResult]]] = {}
-        self.stored: OrderedDict[Key, tuple[str, ToolResult]] = OrderedDict()
+        # A running call's digest, and the future its repeats wait on (made by the first).
+        self.running: dict[Key, tuple[int, asyncio.Future[ToolResult] | None]] = {}
+        self.stored: OrderedDict[Key, tuple[int, ToolResult]] = OrderedDict()
         self.by_trajectory: defaultdict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
         self.bytes = 0
 
-    def replay(self, key: Key, digest: str) -> ToolResult | None:
+    def replay(self, key: Key, digest: int) -> ToolResult | None:
         """The stored result of the same finished call, marked ``replayed``; else None."""
         stored = self.stored.get(key)
         if stored is None or stored[0] != digest:
             return None
         return replayed(stored[1])
 
-    def running_call(self, key: Key, digest: str) -> asyncio.Future[ToolResult] | None:
+    def running_call(self, key: Key, digest: int) -> asyncio.Future[ToolResult] | None:
+        """The future of the same call while it runs (None: it does not run now)."""
         running = self.running.get(key)
-        return running[1] if running is not None and running[0] == digest else None
+        if running is None or running[0] != digest:
+            return None
+        future = running[1]
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self.running[key] = (digest, future)
+        return future
 
-    def begin(self, key: Key, digest: str) -> None:
+    def begin(self, key: Key, digest: int) -> None:
         """The call is about to run: later calls with its key wait for its result."""
-        self.running[key] = (digest, asyncio.get_running_loop().create_future())
+        self.running[key] = (digest, None)
 
     def finish(self, key: Key, result: ToolResult) -> None:
         running = self.running.pop(key, None)
         if running is None:
             return
         digest, future = running
-        if not future.done():
+        if future is not None and not future.done():
             future.set_result(result)
         self._store(key, digest, result)
 
@@ -78,7 +85,7 @@ class Replays:
     def describe(self) -> dict[str, int]:
         return {"stored": len(self.stored), "bytes": self.bytes, "running": len(self.running)}
 
-    def _store(self, key: Key, digest: str, result: ToolResult) -> None:
+    def _store(self, key: Key, digest: int, result: ToolResult) -> None:
         self._drop(key)
         self.stored[key] = (digest, result)
         self.bytes += size_of(result)

@@ -10,8 +10,6 @@ and that slot's agent (``agent/``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -62,14 +60,13 @@ ITEMS = TypeAdapter(list[BatchItem])
 Admitted = BatchItem | BatchResult
 
 
-def call_key(item: BatchItem) -> tuple[str | None, str]:
-    """The item's call id and a digest of what it asks: a call sent again under the same id
-    and asking the same is answered from the slot's recent results (``slot.Slot.recent``);
-    an id reused for another call runs that call."""
+def call_key(item: BatchItem) -> tuple[str | None, int]:
+    """The item's call id and a digest of what it asks (a hash this process computes for
+    both): a call sent again under the same id and asking the same is answered from the
+    slot's recent results (``slot.Slot.recent``); an id reused for another call runs it."""
     if item.uniq_id is None:
-        return None, ""
-    asked = json.dumps([item.tool, item.args, item.timeout], sort_keys=True, default=str)
-    return item.uniq_id, hashlib.blake2b(asked.encode(), digest_size=16).hexdigest()
+        return None, 0
+    return item.uniq_id, hash(repr((item.tool, item.args, item.timeout)))
 
 
 def batch_result(item: BatchItem, answer: dict[str, Any]) -> BatchResult:

@@ -73,7 +73,7 @@ class Call(NamedTuple):
     network: bool | None = None
     lease: SlotLease | None = None
     call_id: str | None = None
-    digest: str = ""
+    digest: int = 0
 
 
 def network_changed(network: bool) -> str:
@@ -167,7 +167,7 @@ class Slot:
         self.owner: SlotLease | None = None
         # The latest results by call id, so that a call sent again (its executor restarted
         # while it ran) is answered once more instead of run twice. Reset forgets them.
-        self.recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        self.recent: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
 
     # ---- life cycle
 

@@ -15,18 +15,18 @@ def result(output: str) -> ToolResult:
 def test_a_finished_call_is_replayed_marked_and_unchanged() -> None:
     async def scenario() -> None:
         replays = Replays(ReplayLimits())
-        replays.begin(("t", "u"), "d")
-        waiting = replays.running_call(("t", "u"), "d")
+        replays.begin(("t", "u"), 1)
+        waiting = replays.running_call(("t", "u"), 1)
         assert waiting is not None and not waiting.done()
-        assert replays.running_call(("t", "u"), "another call") is None
+        assert replays.running_call(("t", "u"), 2) is None
         replays.finish(("t", "u"), result("once"))
         assert (await waiting).output == "once"
-        again = replays.replay(("t", "u"), "d")
+        again = replays.replay(("t", "u"), 1)
         assert again is not None and again.output == "once" and again.metadata["replayed"]
-        assert replays.replay(("t", "u"), "another call") is None
+        assert replays.replay(("t", "u"), 2) is None
         stored = replays.stored[("t", "u")][1]
         assert "replayed" not in stored.metadata, "the stored result is not changed"
-        assert replays.running_call(("t", "u"), "d") is None
+        assert replays.running_call(("t", "u"), 1) is None
 
     asyncio.run(scenario())
 
@@ -39,17 +39,17 @@ async def keeps_latest() -> None:
     replays = Replays(ReplayLimits(per_trajectory=2))
 
     def done(key: tuple[str, str], output: str) -> None:
-        replays.begin(key, "d")
+        replays.begin(key, 1)
         replays.finish(key, result(output))
 
     for uniq_id in ("a", "b", "c"):
         done(("t", uniq_id), uniq_id)
     done(("other", "a"), "x")
-    assert replays.replay(("t", "a"), "d") is None
-    assert replays.replay(("t", "c"), "d") is not None
+    assert replays.replay(("t", "a"), 1) is None
+    assert replays.replay(("t", "c"), 1) is not None
     replays.forget("t")
-    assert replays.replay(("t", "c"), "d") is None
-    assert replays.replay(("other", "a"), "d") is not None
+    assert replays.replay(("t", "c"), 1) is None
+    assert replays.replay(("other", "a"), 1) is not None
     assert replays.describe()["stored"] == 1
 
 
@@ -60,7 +60,7 @@ def test_the_byte_budget_forgets_the_oldest_first() -> None:
 async def forgets_oldest() -> None:
     replays = Replays(ReplayLimits(max_bytes=3 * (1000 + 512)))
     for index in range(5):
-        replays.begin((f"t{index}", "u"), "d")
+        replays.begin((f"t{index}", "u"), 1)
         replays.finish((f"t{index}", "u"), result("x" * 1000))
     assert [key[0] for key in replays.stored] == ["t2", "t3", "t4"]
     assert replays.bytes <= replays.limits.max_bytes
