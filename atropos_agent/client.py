@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -45,6 +46,7 @@ from atropos_agent.models import (
     ExecuteBatchResponse,
     GroupReleaseResponse,
     LeaseOptions,
+    OutputChunk,
     ReleaseResponse,
     StatusResponse,
     ToolCall,
@@ -152,6 +154,14 @@ class BaseClient:
             body.update(lease.model_dump(exclude_none=True))
         return Call("POST", "/execute", body, ToolResult.model_validate, idempotent=True)
 
+    @staticmethod
+    def _stream_event(line: str) -> OutputChunk | ToolResult:
+        event = json.loads(line)
+        if event.get("type") == "output":
+            return OutputChunk.model_validate(event)
+        event.pop("type", None)
+        return ToolResult.model_validate(event)
+
     def _open_trajectory(self, trajectory_id: str, lease: LeaseOptions) -> Call[TrajectoryInfo]:
         body = {"trajectory_id": trajectory_id, **lease.model_dump(exclude_none=True)}
         # Taking a lease twice gives the same lease.
@@ -236,6 +246,26 @@ class ExecutorClient(BaseClient):
         """Run one tool call in the trajectory's slot (leased on its first call, with
         ``lease``'s group and lifetime). Sent again with the same ``uniq_id``, it runs once."""
         return self._send(self._execute(trajectory_id, tool, arguments, timeout_s, uniq_id, lease))
+
+    def execute_stream(
+        self,
+        trajectory_id: str,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        uniq_id: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> Iterator[OutputChunk | ToolResult]:
+        """``execute``, its output as the command prints it (``OutputChunk``s), then its
+        ``ToolResult``. Leaving the loop early closes the stream, which cancels the call."""
+        call = self._execute(trajectory_id, tool, arguments, timeout_s, uniq_id, lease)
+        with self.http.stream("POST", "/execute/stream", json=call.body) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ExecutorError(response.status_code, error_message(response))
+            for line in response.iter_lines():
+                if line.strip():
+                    yield self._stream_event(line)
 
     def open_trajectory(
         self, trajectory_id: str, lease: LeaseOptions | None = None
@@ -341,6 +371,26 @@ class AsyncExecutorClient(BaseClient):
         return await self._send(
             self._execute(trajectory_id, tool, arguments, timeout_s, uniq_id, lease)
         )
+
+    async def execute_stream(
+        self,
+        trajectory_id: str,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        uniq_id: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> AsyncIterator[OutputChunk | ToolResult]:
+        """``execute``, its output as the command prints it (``OutputChunk``s), then its
+        ``ToolResult``. Leaving the loop early closes the stream, which cancels the call."""
+        call = self._execute(trajectory_id, tool, arguments, timeout_s, uniq_id, lease)
+        async with self.http.stream("POST", "/execute/stream", json=call.body) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise ExecutorError(response.status_code, error_message(response))
+            async for line in response.aiter_lines():
+                if line.strip():
+                    yield self._stream_event(line)
 
     async def open_trajectory(
         self, trajectory_id: str, lease: LeaseOptions | None = None

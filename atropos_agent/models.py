@@ -179,6 +179,16 @@ class ExecuteRequest(LeaseOptions):
     timeout_s: float | None = None
 
 
+class OutputChunk(BaseModel):
+    """New: a line of ``POST /execute/stream``: output of the call as its command printed it
+    (``stream``: ``stdout``, ``stderr``, or ``output`` when the two are merged). The last line
+    is ``{"type": "result", ...}``, the call's ToolResult."""
+
+    type: Literal["output"] = "output"
+    stream: str
+    data: str
+
+
 class ExecuteBatchRequest(BaseModel):
     """New: many calls, possibly of many trajectories, in one request."""
 

@@ -135,6 +135,7 @@ job "atropos-sandbox-tool-executor" {
         ATROPOS_SANDBOX_ISOLATION         = "bwrap"
         ATROPOS_SANDBOX_SLOT_UID_BASE     = "200000"
         ATROPOS_SANDBOX_TERMINAL_OUTPUT   = "split"
+        ATROPOS_SANDBOX_JOB_TIMEOUT_S     = "300"
       }
 
       # The shared token, from the Nomad Variable the executor keeps (see sandbox.nomad.hcl).

@@ -29,6 +29,7 @@ ROUTES: list[tuple[str, str, Any]] = [
         "/batch/stream",
         [{"slot_id": "slot_0", "tool": "terminal", "args": {"command": "true"}}],
     ),
+    ("POST", "/execute/stream", {"slot_id": "slot_0", "tool": "terminal", "args": {}}),
     ("POST", "/reset", {"slot_id": "slot_2"}),
     ("POST", "/cancel", {"slot_id": "slot_2"}),
     ("POST", "/slots/owner", {"slot_id": "slot_2", "lease": None}),
@@ -257,7 +258,7 @@ def test_health(sandbox: SandboxServer) -> None:
     assert health["busy_slots"] == 0
     assert health["isolation"] == "bwrap"
     assert health["version"] == __version__
-    assert health["protocol_version"] == PROTOCOL_VERSION == 3
+    assert health["protocol_version"] == PROTOCOL_VERSION == 4
     assert health["uptime_s"] >= 0
 
 

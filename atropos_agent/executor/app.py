@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from atropos_agent import __version__
 from atropos_agent.errors import BackendError
@@ -53,6 +53,7 @@ from atropos_agent.models import (
     TrajectoryInfo,
     TrajectoryRequest,
 )
+from atropos_agent.sandbox.protocol import OutputEvent
 from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
 from atropos_agent.serving import (
     ON_DISCONNECT,
@@ -66,12 +67,17 @@ from atropos_agent.web import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
     SafeJSONResponse,
+    encode_json,
     install_error_handlers,
 )
 
 log = logging.getLogger("atropos.api")
 
 SERVICE_NAME = "Atropos tool executor"
+NDJSON = "application/x-ndjson"
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {NDJSON: {}}, "description": "output events, then the result"}
+}
 
 router = APIRouter()
 
@@ -133,6 +139,38 @@ async def execute(call: ExecuteRequest, request: Request) -> ToolResult:
     finally:
         if watcher is not None:
             watcher.cancel()
+
+
+@router.post("/execute/stream", response_class=StreamingResponse, responses=STREAM_RESPONSES)
+async def execute_stream(call: ExecuteRequest, request: Request) -> StreamingResponse:
+    """``/execute`` answered as NDJSON: ``{"type": "output", "stream", "data"}`` lines as the
+    command prints, then ``{"type": "result", ...ToolResult}``. A client that goes away cancels
+    the call as on ``/execute``."""
+    executor = executor_of(request)
+    executor.admit()
+    events: asyncio.Queue[OutputEvent] = asyncio.Queue()
+    running = asyncio.ensure_future(
+        executor.execute(call.trajectory_id, call.tool, call.timeout_s, call, events.put_nowait)
+    )
+    return StreamingResponse(streamed(executor, running, events), media_type=NDJSON)
+
+
+async def streamed(
+    executor: Executor, running: asyncio.Task[ToolResult], events: asyncio.Queue[OutputEvent]
+) -> AsyncIterator[bytes]:
+    """The call's output events as they come, then its result."""
+    try:
+        while not (running.done() and events.empty()):
+            next_event = asyncio.ensure_future(events.get())
+            await asyncio.wait([next_event, running], return_when=asyncio.FIRST_COMPLETED)
+            if next_event.done():
+                yield next_event.result().model_dump_json().encode() + b"\n"
+            else:
+                next_event.cancel()
+        yield encode_json({"type": "result", **running.result().model_dump()}) + b"\n"
+    finally:
+        if not running.done():
+            executor.cancel_task(running, "the client disconnected before the answer")
 
 
 @router.post("/execute_batch")

@@ -61,7 +61,11 @@ from atropos_agent.models import (
     effective_timeout,
 )
 from atropos_agent.sandbox.protocol import (
+    CANCEL_AND_OWNER_VERSION,
+    STREAM_VERSION,
     BatchItem,
+    BatchResult,
+    OutputEvent,
     SlotArtifactArchiveRequest,
     SlotArtifactListRequest,
     SlotArtifactReadRequest,
@@ -81,6 +85,7 @@ SANDBOX_CANCEL_RETRY_S = 0.05
 ArtifactRequest = ArtifactReadRequest | ArtifactListRequest | ArtifactArchiveRequest
 R = TypeVar("R", ArtifactReadResponse, ArtifactListResponse, ArtifactArchiveResponse)
 S = TypeVar("S", SlotArtifactReadRequest, SlotArtifactListRequest, SlotArtifactArchiveRequest)
+OnOutput = Callable[[OutputEvent], None]
 
 
 class Executor:
@@ -187,11 +192,13 @@ class Executor:
         tool: ToolCall,
         timeout_s: float | None,
         options: LeaseOptions | None = None,
+        on_output: OnOutput | None = None,
     ) -> ToolResult:
         """One call, already admitted; answered with a ToolResult whatever happens.
 
         A call whose trainer set its ``uniq_id`` runs once: sent again while it runs, it waits
         for the same result; sent again later, it gets the stored one (``replayed``).
+        ``on_output`` gets a sandbox call's output as its command prints it (``/execute/stream``).
         """
         started = time.monotonic()
         self.total_requests += 1
@@ -200,7 +207,8 @@ class Executor:
         try:
             result = await self._replayed(key, digest) if key is not None else None
             if result is None:
-                result = await self._run_once(key, digest, trajectory_id, tool, timeout_s, options)
+                call = (trajectory_id, tool, timeout_s, options, on_output)
+                result = await self._run_once(key, digest, *call)
         finally:
             self.in_service -= 1
         result.uniq_id = tool.uniq_id
@@ -225,13 +233,14 @@ class Executor:
         tool: ToolCall,
         timeout_s: float | None,
         options: LeaseOptions | None,
+        on_output: OnOutput | None,
     ) -> ToolResult:
         if key is None:
-            return await self._run(trajectory_id, tool, timeout_s, options)
+            return await self._run(trajectory_id, tool, timeout_s, options, on_output)
         self.replays.begin(key, digest)
         result = None
         try:
-            result = await self._run(trajectory_id, tool, timeout_s, options)
+            result = await self._run(trajectory_id, tool, timeout_s, options, on_output)
         finally:
             if result is None:  # interrupted: whoever waits for it learns so
                 result = ToolResult.failure(
@@ -246,6 +255,7 @@ class Executor:
         tool: ToolCall,
         timeout_s: float | None,
         options: LeaseOptions | None,
+        on_output: OnOutput | None,
     ) -> ToolResult:
         """The call, in its own task's name: a cancellation of that task (a shutdown, a
         ``/cancel``, the client leaving) becomes a result that says so."""
@@ -253,7 +263,7 @@ class Executor:
         assert task is not None
         self.calls.add(task)
         try:
-            return await self._execute(trajectory_id, tool, timeout_s, options, task)
+            return await self._execute(trajectory_id, tool, timeout_s, options, on_output, task)
         except asyncio.CancelledError:
             reason = self.calls.why_cancelled(task)
             if reason is None:
@@ -296,6 +306,7 @@ class Executor:
         tool: ToolCall,
         timeout_s: float | None,
         options: LeaseOptions | None,
+        on_output: OnOutput | None,
         task: asyncio.Task[object],
     ) -> ToolResult:
         timeout = effective_timeout(timeout_s, tool.arguments.get("timeout"))
@@ -319,7 +330,7 @@ class Executor:
                         continue
                     trajectory.calls += 1
                     if is_sandbox:
-                        return await self._sandbox_call(trajectory, tool, timeout)
+                        return await self._sandbox_call(trajectory, tool, timeout, on_output)
                     return await self._external_call(trajectory_id, tool, timeout)
             finally:
                 trajectory.in_flight -= 1
@@ -339,7 +350,7 @@ class Executor:
         return trajectory
 
     async def _sandbox_call(
-        self, trajectory: Trajectory, tool: ToolCall, timeout: float
+        self, trajectory: Trajectory, tool: ToolCall, timeout: float, on_output: OnOutput | None
     ) -> ToolResult:
         ended = self.ended.get(trajectory.trajectory_id)
         if ended is not None:
@@ -361,7 +372,12 @@ class Executor:
             timeout=timeout,
             lease=None if trajectory.owner_recorded else trajectory.slot_lease(),
         )
-        answered = lease.sandbox.batcher.enqueue(item)
+        sandbox = lease.sandbox
+        answered: asyncio.Future[BatchResult]
+        if on_output is not None and sandbox.protocol_version >= STREAM_VERSION:
+            answered = asyncio.ensure_future(sandbox.client.execute_streamed(item, on_output))
+        else:  # batched with other trajectories' calls to the same sandbox
+            answered = sandbox.batcher.enqueue(item)
         try:
             # Shielded: a cancelled call leaves the sandbox's answer to come, and chases it.
             answer = await asyncio.shield(answered)
@@ -405,6 +421,8 @@ class Executor:
         """Kill the command of a cancelled call in its slot. A cancel that reaches the sandbox
         before the command started there finds nothing: send it again until the command's
         answer is back, for at most ``SANDBOX_CANCEL_S``."""
+        if lease.sandbox.protocol_version < CANCEL_AND_OWNER_VERSION:
+            return  # an older sandbox cannot cancel: the command runs to its timeout
         deadline = time.monotonic() + SANDBOX_CANCEL_S
         while not answered.done() and time.monotonic() < deadline:
             try:
@@ -507,13 +525,20 @@ class Executor:
                 raise WorkspaceGone(ended.message)
             if trajectory.lease is None:
                 lease = await self._take_lease(trajectory)
-                try:
-                    await lease.sandbox.client.set_owner(lease.slot_id, trajectory.slot_lease())
-                    trajectory.owner_recorded = True
-                except SandboxUnavailable as exc:  # recorded with its first call instead
-                    log.warning("event=owner_not_recorded slot=%s error=%s", lease.slot_id, exc)
+                await self._record_owner(trajectory, lease)
             trajectory.last_used = time.monotonic()
         return trajectory.describe()
+
+    async def _record_owner(self, trajectory: Trajectory, lease: Lease) -> None:
+        """Record the lease in its slot now (else it goes with the trajectory's first call)."""
+        if lease.sandbox.protocol_version < CANCEL_AND_OWNER_VERSION:
+            trajectory.owner_recorded = True  # an older sandbox keeps no owners
+            return
+        try:
+            await lease.sandbox.client.set_owner(lease.slot_id, trajectory.slot_lease())
+            trajectory.owner_recorded = True
+        except SandboxUnavailable as exc:
+            log.warning("event=owner_not_recorded slot=%s error=%s", lease.slot_id, exc)
 
     async def _expire_idle(self) -> None:
         expiry = self.settings.lease_idle_expiry_s

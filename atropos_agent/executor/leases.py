@@ -24,6 +24,8 @@ class PoolSandbox:
     leased: dict[str, str] = field(default_factory=dict)
     resetting: set[str] = field(default_factory=set)
     instance_id: str = ""
+    # What the sandbox can do (sandbox/protocol.py: CANCEL_AND_OWNER_VERSION, STREAM_VERSION).
+    protocol_version: int = 0
     lost: bool = False
     draining: bool = False
     failed_checks: int = 0

@@ -250,6 +250,7 @@ class Pool:
             free,
             resetting=set(used),
             instance_id=health.instance_id,
+            protocol_version=health.protocol_version,
         )
         self.sandboxes[info.sandbox_id] = sandbox
         for slot_id, owner in owned.items():

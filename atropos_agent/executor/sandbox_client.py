@@ -27,8 +27,11 @@ from atropos_agent.models import (
 )
 from atropos_agent.sandbox.protocol import (
     MIN_PROTOCOL_VERSION,
+    STREAM_EVENT,
     BatchItem,
+    BatchResult,
     CancelResponse,
+    OutputEvent,
     ResetResponse,
     SandboxHealth,
     SlotArtifactArchiveRequest,
@@ -144,6 +147,32 @@ class SandboxClient:
                 if not line.strip():
                     continue
                 yield self._parse(StreamedResult, line, "sent a malformed result line")
+
+    async def execute_streamed(
+        self, item: BatchItem, on_output: Callable[[OutputEvent], None]
+    ) -> BatchResult:
+        """Run one call (protocol 4), its output to ``on_output`` as the command prints it."""
+        body = item.model_dump_json(by_alias=True).encode()
+        request = self._request(
+            "POST", "/execute/stream", body, (item.timeout or 0.0) + BATCH_GRACE_S
+        )
+        async with self.transport.send(request) as response:
+            if response.status != 200:
+                await self._checked(response)
+            async for line in response.lines():
+                if not line.strip():
+                    continue
+                try:
+                    event = STREAM_EVENT.validate_json(line)
+                except ValidationError as exc:
+                    raise SandboxUnavailable(
+                        f"sandbox at {self.url} sent a malformed event line: {short(exc)}"
+                    ) from exc
+                if isinstance(event, OutputEvent):
+                    on_output(event)
+                else:
+                    return BatchResult.model_validate(event.model_dump(exclude={"type"}))
+        raise SandboxUnavailable(f"sandbox at {self.url} ended the stream before the call's result")
 
     # ---- artifacts
 

@@ -87,6 +87,8 @@ class ExecutorSettings(BaseSettings):
     # How `terminal` answers: "split" (the old service's form: stdout, then "[stderr]" and
     # stderr) or "merged" (both streams interleaved as the command wrote them).
     terminal_output: Literal["split", "merged"] = "split"
+    # A background job's timeout in every sandbox: the default, and the longest one honoured.
+    sandbox_job_timeout_s: float = Field(default=300.0, gt=0)
     # Connections and shutdown (atropos_agent/serving.py, docs/operations.md). The shutdown
     # bound stays under Nomad's default kill_timeout (5 s).
     keep_alive_s: float = Field(default=75.0, gt=0, description="idle keep-alive")
@@ -245,6 +247,7 @@ class ExecutorSettings(BaseSettings):
             "ATROPOS_SANDBOX_MAX_REQUEST_BYTES": str(self.max_request_bytes),
             "ATROPOS_SANDBOX_SLOT_UID_BASE": str(self.sandbox_slot_uid_base),
             "ATROPOS_SANDBOX_TERMINAL_OUTPUT": self.terminal_output,
+            "ATROPOS_SANDBOX_JOB_TIMEOUT_S": f"{self.sandbox_job_timeout_s:g}",
         }
 
 

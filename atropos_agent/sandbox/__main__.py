@@ -42,6 +42,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--disk-mb", "disk_mb", int, "workspace + /tmp bound per slot (default 1024)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest request body (default 32 MiB)"),
     ("--slot-uid-base", "slot_uid_base", int, "first host uid for slots when run as root"),
+    ("--job-timeout", "job_timeout_s", float, "background job timeout, default and most (300)"),
     (
         "--terminal-output",
         "terminal_output",

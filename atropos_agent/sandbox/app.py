@@ -176,6 +176,22 @@ async def execute(request: Request) -> Response:
     return json_bytes(RESULT.dump_json(results[0]))
 
 
+@router.post(
+    "/execute/stream",
+    response_class=StreamingResponse,
+    responses=STREAM_RESPONSES,
+    openapi_extra=body_schema(ITEM_SCHEMA),
+)
+async def execute_stream(request: Request) -> StreamingResponse:
+    """Protocol 4: one item, its output as NDJSON events as the command prints, then its
+    result (``Sandbox.stream_call``)."""
+    entry = await decoded(request)
+    if not isinstance(entry, dict):
+        refuse("dict_type", "an item must be a JSON object ({slot_id, tool, args, ...})")
+    sandbox = sandbox_of(request)
+    return StreamingResponse(sandbox.stream_call(sandbox.admit([entry])[0]), media_type=NDJSON)
+
+
 @router.post("/reset", response_model=ResetResponse)
 async def reset(body: SlotRequest, request: Request) -> ResetResponse:
     """Wait for the slot's queued calls, kill its processes, wipe its files, start it anew."""

@@ -58,6 +58,7 @@ def agent_config(
         "disk_bytes": settings.disk_bytes,
         "max_processes": settings.max_processes,
         "memory_bytes": settings.memory_bytes,
+        "job_timeout_s": settings.job_timeout_s,
         # How commands answer: stdout and stderr apart ("split") or interleaved ("merged").
         "terminal_output": settings.terminal_output,
         # Reported in every command's metadata, as the old service did.

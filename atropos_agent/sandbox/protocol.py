@@ -13,9 +13,9 @@ trainer's and need not be unique).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from atropos_agent.models import (
     Arguments,
@@ -26,12 +26,15 @@ from atropos_agent.models import (
     IdText,
 )
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # The oldest sandbox protocol this executor drives: it needs POST /batch/stream.
 MIN_PROTOCOL_VERSION = 2
 # The first protocol with POST /cancel and slot owners: an older sandbox has neither route and
 # ignores an item's ``lease``, so an executor asks it for neither.
 CANCEL_AND_OWNER_VERSION = 3
+# The first protocol with POST /execute/stream (a call's output as it prints): an executor
+# falls back to a plain call on an older sandbox.
+STREAM_VERSION = 4
 
 
 class WireModel(BaseModel):
@@ -85,6 +88,26 @@ class StreamedResult(BatchResult):
     """One NDJSON line of ``POST /batch/stream``, sent as soon as its call finishes."""
 
     index: int
+
+
+class OutputEvent(BaseModel):
+    """A line of ``POST /execute/stream`` (protocol 4): output of the call as it printed it.
+    ``stream`` is ``stdout`` or ``stderr`` (``output`` when the two are merged)."""
+
+    type: Literal["output"]
+    stream: str
+    data: str
+
+
+class ResultEvent(BatchResult):
+    """The last line of ``POST /execute/stream``: the call's result."""
+
+    type: Literal["result"]
+
+
+STREAM_EVENT: TypeAdapter[OutputEvent | ResultEvent] = TypeAdapter(
+    Annotated[OutputEvent | ResultEvent, Field(discriminator="type")]
+)
 
 
 class SandboxHealth(BaseModel):

@@ -10,6 +10,7 @@ and that slot's agent (``agent/``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -291,10 +292,7 @@ class Sandbox:
             for position in positions:
                 item = items[position]
                 assert item is not None
-                timeout = self.timeout_for(item.timeout)
-                request = {"op": OP_TOOL, "tool": item.tool, "args": item.args, "timeout": timeout}
-                network = self.network_for(item)
-                calls.append(Call(request, timeout, network, item.lease, *call_key(item)))
+                calls.append(self.call_for(item))
 
             def finished(number: int, answer: dict[str, Any]) -> None:
                 position = positions[number]
@@ -344,6 +342,53 @@ class Sandbox:
                 position, result = entry
                 line = StreamedResult(index=position, **dict(result))
                 yield STREAMED.dump_json(line) + b"\n"
+
+        return lines()
+
+    def call_for(
+        self, item: BatchItem, on_output: Callable[[dict[str, Any]], None] | None = None
+    ) -> Call:
+        """The slot call that runs ``item``."""
+        timeout = self.timeout_for(item.timeout)
+        request = {"op": OP_TOOL, "tool": item.tool, "args": item.args, "timeout": timeout}
+        network = self.network_for(item)
+        return Call(request, timeout, network, item.lease, *call_key(item), on_output)
+
+    def stream_call(self, entry: Admitted) -> AsyncIterator[bytes]:
+        """Protocol 4: one call as NDJSON events: ``{"type": "output", "stream", "data"}`` as
+        its command prints, then ``{"type": "result", ...its result}``.
+
+        The call runs in a task owned by the sandbox, as a batch's do: a caller that goes away
+        stops reading, and cancels the command with ``POST /cancel`` if it wants it stopped.
+        """
+        events: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def on_output(frame: dict[str, Any]) -> None:
+            event = {"type": "output", "stream": frame.get("stream"), "data": frame.get("data")}
+            events.put_nowait(json.dumps(event).encode() + b"\n")
+
+        def on_result(result: BatchResult) -> None:
+            # The result's own JSON (safely encoded) with the event type in front.
+            events.put_nowait(b'{"type":"result",' + RESULT.dump_json(result)[1:] + b"\n")
+
+        async def run(item: BatchItem) -> None:
+            try:
+                answers = await self.slots[item.slot_id].call_many([self.call_for(item, on_output)])
+                on_result(batch_result(item, answers[0]))
+            except Exception as exc:  # the call gets an answer, whatever went wrong
+                on_result(batch_result(item, failure(f"{item.slot_id}: {exc}")))
+            finally:
+                events.put_nowait(None)
+
+        if isinstance(entry, BatchItem):
+            self.own(asyncio.create_task(run(entry)))
+        else:
+            on_result(entry)
+            events.put_nowait(None)
+
+        async def lines() -> AsyncIterator[bytes]:
+            while (line := await events.get()) is not None:
+                yield line
 
         return lines()
 

@@ -55,6 +55,8 @@ class SandboxSettings(BaseSettings):
     # How commands answer: "split" (the old service's form: stdout, then "[stderr]" and
     # stderr, stripped) or "merged" (both streams interleaved in one pipe, not stripped).
     terminal_output: Literal["split", "merged"] = "split"
+    # A background job's timeout (background_run): the default, and the longest one honoured.
+    job_timeout_s: float = Field(default=300.0, gt=0)
 
     # When the server runs as root, slot N runs as uid slot_uid_base + N: its own process
     # count, and no access to another slot's files even outside the mount namespace.

@@ -35,6 +35,7 @@ from atropos_agent.errors import SandboxStartError, SlotBusy
 from atropos_agent.sandbox.agent.framing import (
     FRAME_HEADER,
     OP_CANCEL,
+    OP_OUTPUT,
     OP_SHUTDOWN,
     body_length,
     decode_body,
@@ -65,8 +66,9 @@ RECENT_RESULTS = 16
 class Call(NamedTuple):
     """One request for a slot's agent, the time it may take, the network mode it needs
     (None: whichever mode the agent runs in, as artifact operations), the lease the caller
-    holds the slot by (None: the owner stays as it is), and the call's id with a digest of
-    what it asks (None: never answered from the slot's recent results)."""
+    holds the slot by (None: the owner stays as it is), the call's id with a digest of what
+    it asks (None: never answered from the slot's recent results), and where its output goes
+    as the command prints it (None: not streamed; ``agent/streaming.py``)."""
 
     request: dict[str, Any]
     timeout_s: float
@@ -74,6 +76,7 @@ class Call(NamedTuple):
     lease: SlotLease | None = None
     call_id: str | None = None
     digest: int = 0
+    on_output: Callable[[dict[str, Any]], None] | None = None
 
 
 def network_changed(network: bool) -> str:
@@ -81,7 +84,8 @@ def network_changed(network: bool) -> str:
     mode = "with network" if network else "without network"
     return (
         f"network mode changed: the slot's agent was restarted {mode}; its processes "
-        "(stateful shell, tmux, background commands) were stopped, workspace files are kept"
+        "(stateful shell, Python interpreter, tmux, background commands) were stopped, "
+        "workspace files are kept"
     )
 
 
@@ -324,8 +328,8 @@ class Slot:
         self.answering = True
         result: dict[str, Any] | None = None
         try:
-            await self._send(request)
-            result = await asyncio.wait_for(self._receive(), timeout_s + AGENT_GRACE_S)
+            await self._send(request if call.on_output is None else {**request, "stream": True})
+            result = await asyncio.wait_for(self._answer(call.on_output), timeout_s + AGENT_GRACE_S)
         except asyncio.CancelledError:
             # The caller went away mid-call: the agent's answer would be read as the answer to
             # the next call. Restart the slot rather than let two calls get crossed results.
@@ -397,6 +401,16 @@ class Slot:
         # Small frames fit the pipe: waiting for the drain would cost a loop turn per call.
         if len(frame) > 65536:
             await self.process.stdin.drain()
+
+    async def _answer(self, on_output: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        """The agent's answer to the request sent; a streamed call's output frames before it
+        go to ``on_output``."""
+        while True:
+            frame = await self._receive()
+            if frame.get("op") != OP_OUTPUT:
+                return frame
+            if on_output is not None:
+                on_output(frame)
 
     async def _receive(self) -> dict[str, Any]:
         assert self.process is not None and self.process.stdout is not None

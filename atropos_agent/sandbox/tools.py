@@ -31,8 +31,17 @@ SANDBOX_TOOL_SCHEMAS: list[dict[str, Any]] = [
     function(
         "terminal",
         "Run a shell command (bash) in the trajectory's workspace, /workspace. Output is stdout, "
-        "then '[stderr]' and stderr; each call starts a fresh shell.",
-        {"command": {"type": "string"}, "timeout": TIMEOUT_PROPERTY},
+        "then '[stderr]' and stderr; each call starts a fresh shell. With background: true it "
+        "starts a background job instead, as background_run does.",
+        {
+            "command": {"type": "string"},
+            "timeout": TIMEOUT_PROPERTY,
+            "background": {
+                "type": "boolean",
+                "description": "Start the command as a background job and answer at once with "
+                "its task_id (default false); timeout is then the job's.",
+            },
+        },
         ["command"],
     ),
     function(
@@ -69,6 +78,25 @@ SANDBOX_TOOL_SCHEMAS: list[dict[str, Any]] = [
         "Run a Python snippet with the sandbox's python3 in the workspace.",
         {"code": {"type": "string"}, "timeout": TIMEOUT_PROPERTY},
         ["code"],
+    ),
+    function(
+        "python_stateful",
+        "Run Python code in the trajectory's persistent interpreter (the sandbox's python3, in "
+        "/workspace): variables, imports and definitions survive between calls. Output is "
+        "stdout, then '[stderr]' and stderr; the value of a final expression is printed as a "
+        "REPL prints it (and is metadata.value). An exception's traceback is the error, and "
+        "the state is kept. A timeout stops the interpreter: its state is lost and the next "
+        "call starts a new one. reset: true starts a new interpreter (then runs code, if any).",
+        {
+            "code": {"type": "string", "description": "Python source; required unless reset."},
+            "reset": {
+                "type": "boolean",
+                "description": "Start a new interpreter first, discarding all state "
+                "(default false).",
+            },
+            "timeout": TIMEOUT_PROPERTY,
+        },
+        [],
     ),
     function(
         "tmux",
@@ -127,6 +155,46 @@ SANDBOX_TOOL_SCHEMAS: list[dict[str, Any]] = [
             "timeout": TIMEOUT_PROPERTY,
         },
         ["action"],
+    ),
+    function(
+        "background_run",
+        "Start a shell command as a background job in the trajectory's workspace and answer at "
+        "once with its task_id (metadata.task_id). stdout and stderr are merged and kept (the "
+        "first and the last 512 KiB); poll with check_background. A slot runs at most 16 jobs "
+        "at once; a reset of the workspace ends them all.",
+        {
+            "command": {"type": "string"},
+            "timeout": {
+                "type": "number",
+                "description": "Seconds the job may run before it is killed (default and most: "
+                "the sandbox's job timeout, 300 unless set otherwise).",
+            },
+        },
+        ["command"],
+    ),
+    function(
+        "check_background",
+        "A background job's status (running, exited with exit_code, timed_out, killed) and "
+        "its output from byte offset since on; metadata.next is the offset to poll from next, "
+        "so each byte comes once (dropped_bytes says how many fell out of the bounded buffer "
+        "before since). Without task_id: every job of the trajectory (id, command, status, "
+        "runtime).",
+        {
+            "task_id": {"type": "string"},
+            "since": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Byte offset into the job's output (default 0): the last "
+                "answer's metadata.next.",
+            },
+        },
+        [],
+    ),
+    function(
+        "background_kill",
+        "Kill a background job: its process and everything it started.",
+        {"task_id": {"type": "string"}},
+        ["task_id"],
     ),
 ]
 

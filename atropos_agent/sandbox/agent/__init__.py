@@ -19,6 +19,9 @@ Modules, one idea each:
 - ``workspace``: the path jail, disk use, bounded reads and writes;
 - ``processes``: spawning, supervising and killing commands, reaping orphans;
 - ``shell``: the stateful shell;
+- ``jobs``, ``job_output``: background jobs and their bounded output (on first use);
+- ``repl``, ``repl_driver``: the stateful Python interpreter, and the program it runs (on first
+  use);
 - ``tmux``, ``tmux_keys``, ``recording``: the tmux session, its keys, its recording (on first use);
 - ``tools``: the tools a call can name;
 - ``artifacts``: reading, listing and archiving workspace files;

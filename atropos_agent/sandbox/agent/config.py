@@ -34,6 +34,8 @@ class AgentConfig:
         self.disk_bytes = int(raw["disk_bytes"])
         self.max_processes = int(raw["max_processes"])
         self.memory_bytes = int(raw["memory_bytes"])
+        # A background job's timeout: its default, and the longest a job may ask for.
+        self.job_timeout_s = float(raw.get("job_timeout_s", 300.0))
         # "split": stdout, then "[stderr]" and stderr (the old service's form); "merged": both
         # streams in one pipe, as a terminal shows them (``output.py``).
         self.split_output = raw.get("terminal_output", "split") != "merged"

@@ -7,6 +7,9 @@ The server sends one request and reads its answer before it sends the next, with
 exceptions, sent while a call may run: ``cancel``, answered by that call's own (cancelled)
 answer, and by nothing when it finds the agent idle (the call it meant had already finished);
 and ``shutdown``, which the server sends when it stops, whatever the slot is doing.
+
+A tool request with ``"stream": true`` is answered by ``output`` frames as its command prints
+(``agent/streaming.py``), then by its answer as usual.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 OP_TOOL = "tool"
 OP_SHUTDOWN = "shutdown"
 OP_CANCEL = "cancel"
+# Sent by the agent, not the server: output of a streamed call, before its answer.
+OP_OUTPUT = "output"
 OP_ARTIFACT_READ = "artifact_read"
 OP_ARTIFACT_LIST = "artifact_list"
 OP_ARTIFACT_ARCHIVE = "artifact_archive"

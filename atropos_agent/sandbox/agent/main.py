@@ -7,6 +7,9 @@ the pipe to the server; commands never see them.
 A ``cancel`` frame is read where it can act, in the loop that supervises a running command
 (``processes.Runner``); one read here found the agent idle, too late for the call it meant,
 and gets no answer, so that answers stay in step with requests.
+
+Once the slot has background jobs, the idle wait for the next request reads their output and
+fires their timeouts (``jobs.Jobs.wait_for_request``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .framing import (
 from .processes import Runner
 from .results import ToolError, cancelled, failure
 from .shell import StatefulShell
+from .streaming import OutputStream
 from .tools import TOOLS
 from .workspace import Workspace
 
@@ -36,6 +40,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .jobs import Jobs
+    from .repl import StatefulPython
     from .tmux import Tmux
 
 
@@ -49,11 +55,22 @@ class Agent:
         self.shell = StatefulShell(self.runner)
         # The tmux session's keeper, made on the first tmux call (agent/tmux.py).
         self.tmux: Tmux | None = None
+        # The background jobs' keeper, made on the first job (agent/jobs.py).
+        self.jobs: Jobs | None = None
+        # The persistent Python interpreter's keeper, made on first use (agent/repl.py).
+        self.python_repl: StatefulPython | None = None
+        # The channel to the server, for a streamed call's output frames (-1: none).
+        self.channel_out = -1
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """The answer to one request; marked cancelled when the server cancelled it meanwhile."""
         self.runner.cancelled = False
-        answer = self.answer(request)
+        if request.get("stream") and self.channel_out >= 0:
+            self.runner.stream = OutputStream(self.channel_out)
+        try:
+            answer = self.answer(request)
+        finally:
+            self.runner.stream = None
         return cancelled(answer) if self.runner.cancelled else answer
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(null, 1)
     os.chdir(config.root)
     agent = Agent(config, apply_limits(config), channel_in)
+    agent.channel_out = channel_out
     write_frame(channel_out, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
     try:
         serve(agent, channel_in, channel_out)
@@ -105,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
 def serve(agent: Agent, channel_in: int, channel_out: int) -> None:
     """Answer requests until the server says stop or closes the channel."""
     while True:
+        if agent.jobs is not None:
+            agent.jobs.wait_for_request(channel_in)  # reading the jobs' output meanwhile
         request = read_frame(channel_in)
         if request is None or request.get("op") == OP_SHUTDOWN:
             return

@@ -7,7 +7,8 @@ descendants, and the agent's children that started after it did.
 
 While a command runs, the agent's one thread sits in ``Runner.supervise``; that loop also
 watches the request channel, so that a ``cancel`` frame from the server ends the call at once,
-with the same kill a timeout makes.
+with the same kill a timeout makes. It services the slot's background jobs too
+(``Runner.background``, ``jobs.py``), so that their output is read while a command runs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .config import AgentConfig
+    from .jobs import Jobs
+    from .streaming import OutputStream
     from .workspace import Workspace
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -124,6 +127,11 @@ class Runner:
         self.child_exited_r = child_exited_r
         # The server's request channel, watched while a command runs (-1: not watched).
         self.requests_r = requests_r
+        # Where the running call's output goes as it is read, when the call asked for it.
+        self.stream: OutputStream | None = None
+        # The slot's background jobs (agent/jobs.py), serviced whenever this runner waits:
+        # their output read, their timeouts fired, their exits noted (None: no job yet).
+        self.background: Jobs | None = None
         # Set when the server cancelled the call now running (the agent clears it per call):
         # its command ends at once, and so does any the call would start after it.
         self.cancelled = False
@@ -193,11 +201,15 @@ class Runner:
                 out_r,
                 in_w,
                 stdin_data or b"",
-                output.stdout,
+                output.stdout
+                if self.stream is None
+                else self.stream.tee(output.stdout, "stdout" if output.split else "output"),
                 timeout,
                 started,
                 err_r=err_r,
-                err_capture=output.stderr,
+                err_capture=output.stderr
+                if self.stream is None
+                else self.stream.tee(output.stderr, "stderr"),
             )
         finally:
             os.close(out_r)
@@ -251,6 +263,8 @@ class Runner:
             selector.register(done_r, selectors.EVENT_READ, "done")
         if self.requests_r >= 0:
             selector.register(self.requests_r, selectors.EVENT_READ, "request")
+        if self.background is not None:
+            selector.register(self.background.fileno(), selectors.EVENT_READ, "background")
         pending = memoryview(stdin_data)
         if in_w >= 0:
             # Fed as the pipe takes it: a command that never reads its stdin cannot block us.
@@ -276,6 +290,8 @@ class Runner:
                         limit_hit.append("disk")
                         break
                 wait = min(deadline, next_disk_check) - now
+                if self.background is not None:
+                    wait = min(wait, self.background.expire(now) - now)
                 for key, _ in selector.select(wait):
                     if key.data == "out":
                         fd = key.fd
@@ -302,6 +318,8 @@ class Runner:
                             finished = True
                     elif key.data == "request":
                         self.read_request()
+                    elif key.data == "background" and self.background is not None:
+                        self.background.service()
                     elif key.data == "in":
                         try:
                             pending = pending[os.write(in_w, pending[:65536]) :]
@@ -345,8 +363,14 @@ class Runner:
             if self.requests_r < 0:
                 time.sleep(left)
                 return
-            ready, _, _ = select.select([self.requests_r], [], [], left)
-            if ready:
+            watched = [self.requests_r]
+            if self.background is not None:
+                watched.append(self.background.fileno())
+                left = min(left, self.background.expire(time.monotonic()) - time.monotonic())
+            ready, _, _ = select.select(watched, [], [], max(0.0, left))
+            if self.background is not None:
+                self.background.service()
+            if self.requests_r in ready:
                 self.read_request()
 
     def finish(
@@ -390,6 +414,8 @@ class Runner:
             gone = self.watched.pop(info.si_pid, None)
             if gone is not None:
                 gone()
+            if self.background is not None:
+                self.background.reaped(info)
 
     def kill_tree(self, root_pid: int, since_ticks: int) -> int:
         """SIGKILL ``root_pid``, its descendants, and every orphan started since ``since_ticks``.
@@ -402,6 +428,10 @@ class Runner:
         for _ in range(200):
             table = process_table()
             victims = [p for p in table if p != me and belongs(p, table, root_pid, since_ticks, me)]
+            if since_ticks and self.background is not None:
+                # A command's kill never takes a background job, started in the same clock
+                # tick as the command or not (the slot's whole kill, since 0, takes them all).
+                victims = self.background.spare(victims)
             if not victims:
                 break
             for pid in victims:

@@ -32,10 +32,9 @@ def command_argument(args: dict[str, Any]) -> str:
 def terminal(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
     command = command_argument(args)
     if args.get("background"):
-        raise ToolError(
-            "background execution is not supported: run the command in the "
-            "foreground, or start it with '&' and redirect its output to a file"
-        )
+        from .jobs import background_run  # on first use: an idle slot does not carry it
+
+        return background_run(agent, args, timeout)
     return agent.runner.run([agent.config.shell, "-c", command], timeout)
 
 
@@ -139,6 +138,23 @@ def tmux(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
     return run(agent, args, timeout)
 
 
+def python_stateful(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    from .repl import python_stateful as run  # on first use: an idle slot does not carry it
+
+    return run(agent, args, timeout)
+
+
+def background_tool(name: str) -> Tool:
+    """The background-job tool ``name`` (``jobs.py``, imported on first use)."""
+
+    def call(agent: Agent, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        from .jobs import TOOLS as JOB_TOOLS
+
+        return JOB_TOOLS[name](agent, args, timeout)
+
+    return call
+
+
 TOOLS: dict[str, Tool] = {
     "terminal": terminal,
     "bash": terminal,  # the old service's name for it
@@ -148,5 +164,9 @@ TOOLS: dict[str, Tool] = {
     "write_file": write_file,
     "edit_file": edit_file,
     "python": python,
+    "python_stateful": python_stateful,
     "tmux": tmux,
+    "background_run": background_tool("background_run"),
+    "check_background": background_tool("check_background"),
+    "background_kill": background_tool("background_kill"),
 }
