@@ -4,6 +4,7 @@ command in a slot can reach."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 
@@ -35,3 +36,9 @@ CONNECT_PROBE = (
     "except OSError as exc:\n"
     "    print('refused', exc)\n"
 )
+
+
+def unique_sleep() -> str:
+    """A ``sleep`` command line no other test (or run) has: findable with
+    ``host_processes_matching``."""
+    return f"sleep 30.{random.randrange(10**6):06d}"

@@ -4,7 +4,6 @@ kill a timeout makes; calls queued behind it, and other slots, go on as they wou
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,24 +12,11 @@ from typing import Any
 import pytest
 
 from atropos_agent.sandbox.agent.results import CANCELLED
-from harness.processes import host_processes_matching
+from harness.processes import host_processes_matching, unique_sleep
 from harness.servers import SandboxServer
+from tests.executor_support import wait_for
 
 LONG_S = 60.0
-
-
-def unique_sleep() -> str:
-    """A ``sleep`` command line no other test (or run) has: pgrep-able on the host."""
-    return f"sleep 30.{random.randrange(10**6):06d}"
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def running(command: str) -> Callable[[], bool]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,8 +14,9 @@ import pytest
 
 from atropos_agent.sandbox.agent.job_output import JobOutput
 from atropos_agent.sandbox.agent.jobs import BUFFER_BYTES, MAX_KEPT, MAX_RUNNING
-from harness.processes import host_processes_matching
+from harness.processes import host_processes_matching, unique_sleep
 from harness.servers import ExecutorServer, SandboxServer, start_sandbox
+from tests.executor_support import wait_for
 
 LONG_S = 60.0
 
@@ -26,20 +27,6 @@ def sandbox() -> Iterator[SandboxServer]:
     server = start_sandbox(slots=4, args=["--job-timeout", "10"])
     yield server
     server.stop()
-
-
-def unique_sleep() -> str:
-    """A ``sleep`` command line no other test (or run) has: pgrep-able on the host."""
-    return f"sleep 30.{random.randrange(10**6):06d}"
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def call(sandbox: SandboxServer, slot: str, tool: str, **args: Any) -> dict[str, Any]:

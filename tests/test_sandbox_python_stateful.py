@@ -4,7 +4,6 @@ under the slot's isolation and limits, lost (and said so) on a timeout or a canc
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,27 +11,13 @@ from typing import Any
 import pytest
 
 from atropos_agent.sandbox.agent.results import CANCELLED
-from harness.processes import CONNECT_PROBE, host_processes_matching
+from harness.processes import CONNECT_PROBE, host_processes_matching, unique_sleep
 from harness.servers import ExecutorServer, SandboxServer
-from tests.executor_support import release
+from tests.executor_support import release, wait_for
 
 LONG_S = 60.0
 # How the interpreter shows in a process list (its bootstrap imports the driver by name).
 DRIVER = "agent.repl_driver"
-
-
-def unique_sleep() -> str:
-    """A ``sleep`` command line no other test (or run) has: pgrep-able on the host."""
-    return f"sleep 30.{random.randrange(10**6):06d}"
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def py(

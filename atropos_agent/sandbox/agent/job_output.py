@@ -9,6 +9,8 @@ bytes between its offset and the first one still held were dropped.
 
 from __future__ import annotations
 
+from .output import OutputCapture
+
 
 def complete_utf8(data: bytes) -> int:
     """The length of ``data`` without a UTF-8 sequence cut short at its end (the rest of it
@@ -23,28 +25,10 @@ def complete_utf8(data: bytes) -> int:
     return len(data)
 
 
-class JobOutput:
-    """The bytes a job wrote, stdout and stderr merged, as numbered positions in one stream."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.head_limit = max_bytes // 2
-        self.tail_limit = max_bytes - self.head_limit
-        self.head = bytearray()
-        # The latest bytes: positions ``total - len(tail)`` to ``total``.
-        self.tail = bytearray()
-        self.total = 0
-
-    def feed(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.head_limit - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            # Trimmed only once it holds twice the tail: each byte is moved O(1) times.
-            if len(self.tail) > 2 * self.tail_limit:
-                del self.tail[: len(self.tail) - self.tail_limit]
+class JobOutput(OutputCapture):
+    """The bytes a job wrote, stdout and stderr merged, as numbered positions in one stream:
+    the head and the latest bytes kept (``OutputCapture``), the tail at positions
+    ``total - len(tail)`` to ``total``."""
 
     def settle(self) -> None:
         """No byte will follow: keep the tail at its bound, in memory of that size."""

@@ -30,6 +30,7 @@ import signal
 import time
 
 from .job_output import JobOutput
+from .processes import live_processes
 from .results import ToolError
 from .tools import command_argument
 
@@ -109,21 +110,7 @@ def exit_code_of(info: os.waitid_result) -> int:
 
 def session_table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, session id) of every live process the agent can see."""
-    table: dict[int, tuple[int, int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                raw = handle.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: fields start after the last ")".
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):
-            continue
-        table[int(name)] = (int(fields[1]), int(fields[3]))
-    return table
+    return {pid: (int(fields[1]), int(fields[3])) for pid, fields in live_processes()}
 
 
 def session_of(pid: int) -> int:

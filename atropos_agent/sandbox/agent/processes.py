@@ -25,7 +25,7 @@ from .results import command_result, failure, limits_seen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
     from .config import AgentConfig
@@ -50,9 +50,9 @@ def boottime_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS)
 
 
-def process_table() -> ProcessTable:
-    """Every live process this agent can see (zombies and dead ones left out)."""
-    table: ProcessTable = {}
+def live_processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, the fields of /proc/PID/stat after the command name) of every live process the
+    agent can see (zombies and dead ones left out)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -63,11 +63,16 @@ def process_table() -> ProcessTable:
             continue
         # The command name may hold spaces and parentheses: fields start after the last ")".
         fields = raw[raw.rindex(b")") + 2 :].split()
-        state = fields[0].decode()
-        if state in ("Z", "X"):
-            continue
-        table[int(name)] = (int(fields[1]), int(fields[19]), state)
-    return table
+        if fields[0] not in (b"Z", b"X"):
+            yield int(name), fields
+
+
+def process_table() -> ProcessTable:
+    """Every live process this agent can see: parent, start time, state."""
+    return {
+        pid: (int(fields[1]), int(fields[19]), fields[0].decode())
+        for pid, fields in live_processes()
+    }
 
 
 def belongs(pid: int, table: ProcessTable, root_pid: int, since_ticks: int, me: int) -> bool:
@@ -138,6 +143,18 @@ class Runner:
         # Long-lived children whose owner must learn when they are reaped (the stateful
         # shell): pid -> what to call then.
         self.watched: dict[int, Callable[[], None]] = {}
+
+    def end_child(self, pid: int, since: int) -> int:
+        """Kill a long-lived child (the stateful shell, the Python interpreter) and what its
+        current call started, and reap it; returns how many processes died."""
+        if pid <= 0:
+            return 0
+        killed = self.kill_tree(pid, since)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # already reaped while its tree was killed
+        return killed
 
     def spawn(
         self,

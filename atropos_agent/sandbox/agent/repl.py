@@ -216,14 +216,7 @@ class StatefulPython:
 
     def kill(self, since: int) -> int:
         """Kill the interpreter and what the current call started; returns how many died."""
-        killed = 0
-        pid = self.pid
-        if pid > 0:
-            killed = self.runner.kill_tree(pid, since)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass  # already reaped while its tree was killed
+        killed = self.runner.end_child(self.pid, since)
         self.close()
         return killed
 

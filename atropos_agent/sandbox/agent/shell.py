@@ -146,13 +146,6 @@ class StatefulShell:
 
     def kill(self, since: int) -> int:
         """Kill the shell and what the current command started; returns how many died."""
-        killed = 0
-        pid = self.pid
-        if pid > 0:
-            killed = self.runner.kill_tree(pid, since)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass  # already reaped while its tree was killed
+        killed = self.runner.end_child(self.pid, since)
         self.close()
         return killed
