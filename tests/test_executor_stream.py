@@ -141,3 +141,24 @@ def test_the_sandbox_streams_one_call(sandbox: SandboxServer) -> None:
 def test_streaming_needs_auth(executor: ExecutorServer) -> None:
     answer = httpx.post(executor.url + "/execute/stream", json=body("x", "true"))
     assert answer.status_code == 401
+
+
+def test_stateful_python_streams_what_it_prints(executor: ExecutorServer) -> None:
+    code = "import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')\n6 * 7"
+    call = {
+        "trajectory_id": "py-stream",
+        "tool": {"name": "python_stateful", "arguments": {"code": code}},
+    }
+    started = time.monotonic()
+    events: list[tuple[float, dict[str, Any]]] = []
+    try:
+        with executor.client.stream("POST", "/execute/stream", json=call) as response:
+            for line in response.iter_lines():
+                if line.strip():
+                    events.append((time.monotonic() - started, json.loads(line)))
+        printed = [(at, e["data"]) for at, e in events if e["type"] == "output"]
+        assert printed and printed[0][1].startswith("first")
+        assert printed[0][0] < events[-1][0] - 0.5, "the first line came before the end"
+        assert events[-1][1]["success"] is True and "42" in events[-1][1]["output"]
+    finally:
+        release(executor, "py-stream")

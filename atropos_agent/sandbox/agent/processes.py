@@ -144,6 +144,14 @@ class Runner:
         # shell): pid -> what to call then.
         self.watched: dict[int, Callable[[], None]] = {}
 
+    def captures(self, output: CommandOutput) -> tuple[Any, Any]:
+        """Where a command's stdout and stderr are read into: ``output``'s captures, teed to
+        the server as they are fed when the call streams (``agent/streaming.py``)."""
+        if self.stream is None:
+            return output.stdout, output.stderr
+        stdout_name = "stdout" if output.split else "output"
+        return self.stream.tee(output.stdout, stdout_name), self.stream.tee(output.stderr, "stderr")
+
     def end_child(self, pid: int, since: int) -> int:
         """Kill a long-lived child (the stateful shell, the Python interpreter) and what its
         current call started, and reap it; returns how many processes died."""
@@ -212,21 +220,18 @@ class Runner:
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)
+        stdout_capture, stderr_capture = self.captures(output)
         try:
             outcome = self.supervise(
                 pid,
                 out_r,
                 in_w,
                 stdin_data or b"",
-                output.stdout
-                if self.stream is None
-                else self.stream.tee(output.stdout, "stdout" if output.split else "output"),
+                stdout_capture,
                 timeout,
                 started,
                 err_r=err_r,
-                err_capture=output.stderr
-                if self.stream is None
-                else self.stream.tee(output.stderr, "stderr"),
+                err_capture=stderr_capture,
             )
         finally:
             os.close(out_r)

@@ -132,6 +132,7 @@ class StatefulPython:
         pid = self.pid
         since = boottime_ticks()
         output = CommandOutput(runner.config.max_output_bytes, self.err_r >= 0)
+        stdout_capture, stderr_capture = runner.captures(output)
         # The frame is fed as the pipe takes it (a large one cannot block the agent), through
         # a duplicate of the request pipe that the supervision closes when it is written.
         outcome = runner.supervise(
@@ -139,12 +140,12 @@ class StatefulPython:
             self.out_r,
             os.dup(self.request_w),
             encode_frame({"code": code}),
-            output.stdout,
+            stdout_capture,
             timeout,
             started,
             done_r=self.reply_r,
             err_r=self.err_r,
-            err_capture=output.stderr,
+            err_capture=stderr_capture,
         )
         limit_hit = list(outcome.limit_hit)
         answer: dict[str, Any] | None = None
