@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -207,8 +208,10 @@ class Executor:
         try:
             result = await self._replayed(key, digest) if key is not None else None
             if result is None:
-                call = (trajectory_id, tool, timeout_s, options, on_output)
-                result = await self._run_once(key, digest, *call)
+                run = functools.partial(
+                    self._run, trajectory_id, tool, timeout_s, options, on_output
+                )
+                result = await self._run_once(key, digest, run)
         finally:
             self.in_service -= 1
         result.uniq_id = tool.uniq_id
@@ -226,21 +229,15 @@ class Executor:
         return self.replays.replay(key, digest)
 
     async def _run_once(
-        self,
-        key: Key | None,
-        digest: int,
-        trajectory_id: str,
-        tool: ToolCall,
-        timeout_s: float | None,
-        options: LeaseOptions | None,
-        on_output: OnOutput | None,
+        self, key: Key | None, digest: int, run: Callable[[], Awaitable[ToolResult]]
     ) -> ToolResult:
+        """``run()``, its result kept for repeats of the call when it has a key."""
         if key is None:
-            return await self._run(trajectory_id, tool, timeout_s, options, on_output)
+            return await run()
         self.replays.begin(key, digest)
         result = None
         try:
-            result = await self._run(trajectory_id, tool, timeout_s, options, on_output)
+            result = await run()
         finally:
             if result is None:  # interrupted: whoever waits for it learns so
                 result = ToolResult.failure(

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import os
 import selectors
-import signal
 import time
 
 from .job_output import JobOutput
-from .processes import live_processes
+from .processes import kill_each, live_processes
 from .results import ToolError
 from .tools import command_argument
 
@@ -208,12 +207,7 @@ class Jobs:
             ]
             if not victims:
                 break
-            for pid in victims:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
-                except ProcessLookupError:
-                    pass
+            killed.update(kill_each(victims))
             self.collect(job)
             time.sleep(0.005)
         self.collect(job)

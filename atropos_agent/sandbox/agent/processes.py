@@ -75,6 +75,18 @@ def process_table() -> ProcessTable:
     }
 
 
+def kill_each(pids: list[int]) -> list[int]:
+    """SIGKILL each of ``pids``; the ones that were still there to kill."""
+    killed = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
 def belongs(pid: int, table: ProcessTable, root_pid: int, since_ticks: int, me: int) -> bool:
     """Whether ``pid`` descends from ``root_pid``, or from an orphan started since the command."""
     node = pid
@@ -456,12 +468,7 @@ class Runner:
                 victims = self.background.spare(victims)
             if not victims:
                 break
-            for pid in victims:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
-                except ProcessLookupError:
-                    pass
+            killed.update(kill_each(victims))
             self.reap()
             time.sleep(0.005)
         self.reap()
