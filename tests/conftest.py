@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from harness.servers import ExecutorServer, SandboxServer, start_executor, start_sandbox
+from harness.nomad_double import NomadDouble
+from harness.servers import (
+    ExecutorServer,
+    SandboxServer,
+    start_executor,
+    start_nomad_double,
+    start_sandbox,
+)
 
 # The base directory of ``tmp_path`` this run made, to remove when it ends.
 OWN_BASETEMP = pytest.StashKey[str]()
@@ -87,3 +94,12 @@ def executor() -> Iterator[ExecutorServer]:
     server = start_executor()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def double() -> Iterator[NomadDouble]:
+    """A Nomad API double for one test; it must have hit no internal error of its own."""
+    nomad = start_nomad_double()
+    yield nomad
+    nomad.close()
+    assert not nomad.internal_errors, nomad.internal_errors

@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from harness.nomad_double import NomadDouble
-from harness.servers import ExecutorServer, start_executor, start_nomad_double
+from harness.servers import ExecutorServer, start_executor
 from tests.executor_support import Background, settings, wait_in_flight
 
 TRAJECTORIES = [f"kept-{i}" for i in range(20)]
-
-
-@pytest.fixture
-def double() -> Iterator[NomadDouble]:
-    nomad = start_nomad_double()
-    yield nomad
-    nomad.close()
-    assert not nomad.internal_errors, nomad.internal_errors
 
 
 def executor_on(double: NomadDouble, spec: dict[str, str]) -> ExecutorServer:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,20 +26,11 @@ from harness.servers import (
     free_port,
     nomad_settings,
     start_executor,
-    start_nomad_double,
     temporary_dir,
 )
 from tests.executor_support import settings
 
 JOB = "atropos-sandbox-tool-executor"
-
-
-@pytest.fixture
-def double() -> Iterator[NomadDouble]:
-    nomad = start_nomad_double()
-    yield nomad
-    nomad.close()
-    assert not nomad.internal_errors, nomad.internal_errors
 
 
 def executor_on(

@@ -11,6 +11,7 @@ turns every way a sandbox can fail to answer into ``SandboxUnavailable`` (or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -140,12 +141,8 @@ class SandboxClient:
         request = self._request(
             "POST", "/batch/stream", BATCH.dump_json(items), longest + BATCH_GRACE_S
         )
-        async with self.transport.send(request) as response:
-            if response.status != 200:
-                await self._checked(response)
-            async for line in response.lines():
-                if not line.strip():
-                    continue
+        async with contextlib.aclosing(self._ndjson(request)) as lines:
+            async for line in lines:
                 yield self._parse(StreamedResult, line, "sent a malformed result line")
 
     async def execute_streamed(
@@ -156,12 +153,8 @@ class SandboxClient:
         request = self._request(
             "POST", "/execute/stream", body, (item.timeout or 0.0) + BATCH_GRACE_S
         )
-        async with self.transport.send(request) as response:
-            if response.status != 200:
-                await self._checked(response)
-            async for line in response.lines():
-                if not line.strip():
-                    continue
+        async with contextlib.aclosing(self._ndjson(request)) as lines:
+            async for line in lines:
                 try:
                     event = STREAM_EVENT.validate_json(line)
                 except ValidationError as exc:
@@ -188,6 +181,15 @@ class SandboxClient:
         return await self._post("/artifacts/archive", request, ArtifactArchiveResponse)
 
     # ---- plumbing
+
+    async def _ndjson(self, request: Request) -> AsyncGenerator[bytes]:
+        """The non-empty lines of a streamed answer, as they arrive; an error status raises."""
+        async with self.transport.send(request) as response:
+            if response.status != 200:
+                await self._checked(response)
+            async for line in response.lines():
+                if line.strip():
+                    yield line
 
     def _request(self, method: str, path: str, body: bytes | None, timeout_s: float) -> Request:
         return Request(method, self.url + path, body, self.headers, timeout_s)
