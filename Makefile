@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python -m benchmarks.executor_cpu
 	$(BIN)/python -m benchmarks.executor_memory
 	$(BIN)/python -m benchmarks.python_calls
+	$(BIN)/python -m benchmarks.workspace_fork
 
 # The sandbox and executor images (Dockerfile). Needs a Docker engine; not part of `make test`.
 # Tags: SANDBOX_IMAGE, EXECUTOR_IMAGE (see deploy/build-images.sh --help).

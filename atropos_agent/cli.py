@@ -1,4 +1,5 @@
-"""``atropos-tool-executor``: ``serve`` runs the executor service, ``sandbox`` a sandbox server."""
+"""``atropos-tool-executor``: ``serve`` runs the executor service, ``sandbox`` a sandbox server,
+``bench`` loads a service and reports its figures, ``status`` shows a service's state."""
 
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            "usage: atropos-tool-executor {serve,sandbox} [options]\n\n"
+            "usage: atropos-tool-executor {serve,sandbox,bench,status} [options]\n\n"
             "  serve     run the executor service (trainers talk to this)\n"
-            "  sandbox   run one sandbox server (what each container runs)"
+            "  sandbox   run one sandbox server (what each container runs)\n"
+            "  bench     load a service (or one it starts) and report calls/s and latency\n"
+            "  status    show a service's pool, leases, latency and recent errors"
         )
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
@@ -86,8 +89,18 @@ def main(argv: list[str] | None = None) -> None:
         from atropos_agent.sandbox.__main__ import main as sandbox_main
 
         sandbox_main(rest)
+    elif command == "bench":
+        from atropos_agent.bench.command import main as bench_main
+
+        bench_main(rest)
+    elif command == "status":
+        from atropos_agent.status_view import main as status_main
+
+        status_main(rest)
     else:
-        sys.exit(f"atropos-tool-executor: unknown command {command!r} (serve, sandbox)")
+        sys.exit(
+            f"atropos-tool-executor: unknown command {command!r} (serve, sandbox, bench, status)"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
         files = executor.list_artifacts("trajectory-1", recursive=True)
         executor.release("trajectory-1")
 
+Workspaces (docs/executor.md, "Preparing once, running many"): ``upload_dir`` packs a local
+folder and sends it raw; ``create_template``, ``fork`` and ``diff`` (unpacked into a local
+folder) prepare once and fan out.
+
 ``AsyncExecutorClient`` has the same methods as coroutines. HTTP errors (401, 404, 503...)
 raise ``ExecutorError`` with the service's message; a tool that failed is not an error, it is a
 ``ToolResult`` with ``success`` false.
@@ -15,8 +19,9 @@ What is safe to retry is retried (``retries`` times, with back-off): a request t
 reached the service (connection refused), a 503 that says when to come back (``Retry-After``:
 the service ran nothing), and any transport failure of a request that is safe to repeat:
 reads, and ``execute``, which always sends a ``uniq_id`` (the service runs a call once per
-``uniq_id`` and answers a repeat with the first result). Release and batches of calls without
-their own ``uniq_id`` are never sent twice.
+``uniq_id`` and answers a repeat with the first result). Release, batches of calls without
+their own ``uniq_id``, uploads and forks are never sent twice (a fork that failed took no
+lease, and its 503 says so: that one is retried).
 
 Laid out as httpx lays out its own clients: ``BaseClient`` knows, for every route, the request
 to send and what its answer becomes (a ``Call``); ``ExecutorClient`` and
@@ -27,12 +32,18 @@ to send and what its answer becomes (a ``Call``); ``ExecutorClient`` and
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import itertools
 import json
+import os
+import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -43,15 +54,21 @@ from atropos_agent.models import (
     ArtifactListResponse,
     ArtifactReadResponse,
     CancelResponse,
+    DiffResponse,
     ExecuteBatchResponse,
+    ForkResponse,
     GroupReleaseResponse,
     LeaseOptions,
     OutputChunk,
     ReleaseResponse,
     StatusResponse,
+    TemplateDeleteResponse,
+    TemplateInfo,
+    TemplatesResponse,
     ToolCall,
     ToolResult,
     TrajectoryInfo,
+    UploadResponse,
 )
 
 __all__ = ["AsyncExecutorClient", "BaseClient", "Call", "ExecutorClient", "ExecutorError"]
@@ -73,12 +90,22 @@ A = TypeVar("A", ArtifactReadResponse, ArtifactListResponse, ArtifactArchiveResp
 class Call(Generic[T]):
     """One request to the service, and how its answer's JSON becomes the value returned."""
 
-    method: Literal["GET", "POST"]
+    method: Literal["GET", "POST", "PUT", "DELETE"]
     path: str
     body: dict[str, Any] | None
     parse: Callable[[Any], T]
     # Sending it twice does no harm: it only reads, or the service runs it once.
     idempotent: bool = False
+    # A raw body (an archive) instead of ``body``, and the query.
+    content: bytes | None = None
+    params: dict[str, Any] | None = None
+
+    def request(self) -> dict[str, Any]:
+        """The arguments of ``httpx.Client.request`` after the method and path."""
+        if self.content is None:
+            return {"json": self.body, "params": self.params}
+        headers = {"Content-Type": "application/gzip"}
+        return {"content": self.content, "params": self.params, "headers": headers}
 
     def answer(self, response: httpx.Response) -> T:
         """The parsed answer; ``ExecutorError`` when the service refused the request."""
@@ -100,6 +127,51 @@ def error_message(response: httpx.Response) -> str:
 
 def batch_results(answer: Any) -> list[ToolResult]:
     return ExecuteBatchResponse.model_validate(answer).results
+
+
+def template_list(answer: Any) -> list[TemplateInfo]:
+    return TemplatesResponse.model_validate(answer).templates
+
+
+# ---- archives on the trainer's side: a folder packed for an upload, a diff unpacked
+
+
+def archive_of_dir(local_path: str | os.PathLike[str]) -> bytes:
+    """A tar.gz of the folder's contents (its files, directories and symbolic links, as
+    links; modes and mtimes kept, owners left out: the workspace's uid owns them). FIFOs,
+    sockets and devices are left out: a workspace takes none."""
+    root = Path(local_path)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+
+    def portable(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+            return None
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        return member
+
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:gz", compresslevel=6) as archive:
+        for entry in sorted(root.iterdir()):
+            archive.add(entry, arcname=entry.name, filter=portable)
+    return packed.getvalue()
+
+
+def archive_of_file(local_file: str | os.PathLike[str]) -> bytes:
+    return Path(local_file).read_bytes()
+
+
+def unpack_diff(diff: DiffResponse, dest_dir: str | os.PathLike[str]) -> None:
+    """Extract a diff's files into ``dest_dir`` with tarfile's ``data`` filter (nothing
+    outside ``dest_dir``, no devices, no setuid bits); deleted paths are in ``diff.deleted``,
+    not acted on."""
+    Path(dest_dir).mkdir(parents=True, exist_ok=True)
+    content = base64.b64decode(diff.content) if diff.content else b""
+    if not content:
+        return
+    with tarfile.open(fileobj=io.BytesIO(content), mode="r:gz") as archive:
+        archive.extractall(dest_dir, filter="data")
 
 
 class BaseClient:
@@ -192,6 +264,65 @@ class BaseClient:
     def _status(self) -> Call[StatusResponse]:
         return Call("GET", "/status", None, StatusResponse.model_validate, idempotent=True)
 
+    @staticmethod
+    def _upload(
+        trajectory_id: str,
+        archive: bytes,
+        path: str,
+        format: Literal["tar.gz", "file"],
+        template: str | None,
+        lease: LeaseOptions | None,
+    ) -> Call[UploadResponse]:
+        options = lease.model_copy() if lease is not None else LeaseOptions()
+        if template is not None:
+            options.template = template
+        params = {"path": path, "format": format, **options.model_dump(exclude_none=True)}
+        where = f"/trajectories/{quote(trajectory_id, safe='')}/archive"
+        parse = UploadResponse.model_validate
+        return Call("PUT", where, None, parse, content=archive, params=params)
+
+    @staticmethod
+    def _create_template(
+        name: str, archive: bytes | None, trajectory_id: str | None
+    ) -> Call[TemplateInfo]:
+        if (archive is None) == (trajectory_id is None):
+            raise ValueError("give exactly one of local_path, archive and trajectory_id")
+        parse = TemplateInfo.model_validate
+        if trajectory_id is not None:
+            body = {"name": name, "trajectory_id": trajectory_id}
+            return Call("POST", "/templates", body, parse)
+        # Storing the same archive under the same name twice gives the same template.
+        where = f"/templates/{quote(name, safe='')}"
+        return Call("PUT", where, None, parse, idempotent=True, content=archive)
+
+    @staticmethod
+    def _list_templates() -> Call[list[TemplateInfo]]:
+        return Call("GET", "/templates", None, template_list, idempotent=True)
+
+    @staticmethod
+    def _delete_template(name: str) -> Call[TemplateDeleteResponse]:
+        where = f"/templates/{quote(name, safe='')}"
+        return Call("DELETE", where, None, TemplateDeleteResponse.model_validate)
+
+    @staticmethod
+    def _fork(
+        trajectory_id: str,
+        new_trajectory_ids: list[str],
+        group: str | None,
+        lease_ttl_s: float | None,
+    ) -> Call[ForkResponse]:
+        body: dict[str, Any] = {
+            "trajectory_id": trajectory_id,
+            "new_trajectory_ids": list(new_trajectory_ids),
+        }
+        body.update({k: v for k, v in (("group", group), ("lease_ttl_s", lease_ttl_s)) if v})
+        return Call("POST", "/fork", body, ForkResponse.model_validate)
+
+    @staticmethod
+    def _diff(trajectory_id: str) -> Call[DiffResponse]:
+        body = {"trajectory_id": trajectory_id}
+        return Call("POST", "/artifacts/diff", body, DiffResponse.model_validate, idempotent=True)
+
 
 class ExecutorClient(BaseClient):
     """The executor's routes over a blocking ``httpx.Client``."""
@@ -225,7 +356,7 @@ class ExecutorClient(BaseClient):
         for attempt in itertools.count():
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = self.http.request(call.method, call.path, json=call.body)
+                outcome = self.http.request(call.method, call.path, **call.request())
             except httpx.TransportError as exc:
                 outcome = exc
             delay = self._retry_delay(call, attempt, outcome)
@@ -315,6 +446,87 @@ class ExecutorClient(BaseClient):
         """``GET /status``: queue, counters and the pool."""
         return self._send(self._status())
 
+    def upload_dir(
+        self,
+        trajectory_id: str,
+        local_path: str | os.PathLike[str],
+        path: str = ".",
+        template: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> UploadResponse:
+        """The local folder's contents into the workspace at ``path`` (one tar.gz, one
+        request). Takes the trajectory's lease when it holds none, from ``template``'s files
+        if one is named, with ``lease``'s group and lifetime."""
+        archive = archive_of_dir(local_path)
+        return self._send(self._upload(trajectory_id, archive, path, "tar.gz", template, lease))
+
+    def upload_file(
+        self,
+        trajectory_id: str,
+        local_file: str | os.PathLike[str],
+        path: str,
+        template: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> UploadResponse:
+        """One local file written at ``path`` in the workspace (any size up to the cap)."""
+        content = archive_of_file(local_file)
+        return self._send(self._upload(trajectory_id, content, path, "file", template, lease))
+
+    def upload_archive(
+        self,
+        trajectory_id: str,
+        archive: bytes,
+        path: str = ".",
+        template: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> UploadResponse:
+        """A tar.gz already made, extracted into the workspace at ``path``."""
+        return self._send(self._upload(trajectory_id, archive, path, "tar.gz", template, lease))
+
+    def create_template(
+        self,
+        name: str,
+        local_path: str | os.PathLike[str] | None = None,
+        archive: bytes | None = None,
+        trajectory_id: str | None = None,
+    ) -> TemplateInfo:
+        """A template named ``name`` from one of: a local folder, a tar.gz, or the files of
+        a live trajectory's workspace now. The same name again replaces its content."""
+        if local_path is not None:
+            if archive is not None:
+                raise ValueError("give exactly one of local_path, archive and trajectory_id")
+            archive = archive_of_dir(local_path)
+        return self._send(self._create_template(name, archive, trajectory_id))
+
+    def list_templates(self) -> list[TemplateInfo]:
+        return self._send(self._list_templates())
+
+    def delete_template(self, name: str) -> TemplateDeleteResponse:
+        """Forget the template; trajectories running on it keep their files."""
+        return self._send(self._delete_template(name))
+
+    def fork(
+        self,
+        trajectory_id: str,
+        new_trajectory_ids: list[str],
+        group: str | None = None,
+        lease_ttl_s: float | None = None,
+    ) -> ForkResponse:
+        """New trajectories whose workspaces start as ``trajectory_id``'s files now (its
+        processes are not copied); in ``group`` (default: the source's)."""
+        return self._send(self._fork(trajectory_id, new_trajectory_ids, group, lease_ttl_s))
+
+    def diff(
+        self, trajectory_id: str, dest_dir: str | os.PathLike[str] | None = None
+    ) -> DiffResponse:
+        """What changed since the workspace's template or fork source: the files added or
+        changed (extracted into ``dest_dir`` when given) and the paths deleted
+        (``.deleted``)."""
+        diff = self._send(self._diff(trajectory_id))
+        if dest_dir is not None and diff.success:
+            unpack_diff(diff, dest_dir)
+        return diff
+
 
 class AsyncExecutorClient(BaseClient):
     """The executor's routes as coroutines over ``httpx.AsyncClient``."""
@@ -348,7 +560,7 @@ class AsyncExecutorClient(BaseClient):
         for attempt in itertools.count():
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = await self.http.request(call.method, call.path, json=call.body)
+                outcome = await self.http.request(call.method, call.path, **call.request())
             except httpx.TransportError as exc:
                 outcome = exc
             delay = self._retry_delay(call, attempt, outcome)
@@ -443,3 +655,88 @@ class AsyncExecutorClient(BaseClient):
     async def status(self) -> StatusResponse:
         """``GET /status``: queue, counters and the pool."""
         return await self._send(self._status())
+
+    async def upload_dir(
+        self,
+        trajectory_id: str,
+        local_path: str | os.PathLike[str],
+        path: str = ".",
+        template: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> UploadResponse:
+        """The local folder's contents into the workspace at ``path`` (one tar.gz, one
+        request). Takes the trajectory's lease when it holds none, from ``template``'s files
+        if one is named, with ``lease``'s group and lifetime."""
+        archive = await asyncio.to_thread(archive_of_dir, local_path)
+        return await self._send(
+            self._upload(trajectory_id, archive, path, "tar.gz", template, lease)
+        )
+
+    async def upload_file(
+        self,
+        trajectory_id: str,
+        local_file: str | os.PathLike[str],
+        path: str,
+        template: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> UploadResponse:
+        """One local file written at ``path`` in the workspace (any size up to the cap)."""
+        content = await asyncio.to_thread(archive_of_file, local_file)
+        return await self._send(self._upload(trajectory_id, content, path, "file", template, lease))
+
+    async def upload_archive(
+        self,
+        trajectory_id: str,
+        archive: bytes,
+        path: str = ".",
+        template: str | None = None,
+        lease: LeaseOptions | None = None,
+    ) -> UploadResponse:
+        """A tar.gz already made, extracted into the workspace at ``path``."""
+        return await self._send(
+            self._upload(trajectory_id, archive, path, "tar.gz", template, lease)
+        )
+
+    async def create_template(
+        self,
+        name: str,
+        local_path: str | os.PathLike[str] | None = None,
+        archive: bytes | None = None,
+        trajectory_id: str | None = None,
+    ) -> TemplateInfo:
+        """A template named ``name`` from one of: a local folder, a tar.gz, or the files of
+        a live trajectory's workspace now. The same name again replaces its content."""
+        if local_path is not None:
+            if archive is not None:
+                raise ValueError("give exactly one of local_path, archive and trajectory_id")
+            archive = await asyncio.to_thread(archive_of_dir, local_path)
+        return await self._send(self._create_template(name, archive, trajectory_id))
+
+    async def list_templates(self) -> list[TemplateInfo]:
+        return await self._send(self._list_templates())
+
+    async def delete_template(self, name: str) -> TemplateDeleteResponse:
+        """Forget the template; trajectories running on it keep their files."""
+        return await self._send(self._delete_template(name))
+
+    async def fork(
+        self,
+        trajectory_id: str,
+        new_trajectory_ids: list[str],
+        group: str | None = None,
+        lease_ttl_s: float | None = None,
+    ) -> ForkResponse:
+        """New trajectories whose workspaces start as ``trajectory_id``'s files now (its
+        processes are not copied); in ``group`` (default: the source's)."""
+        return await self._send(self._fork(trajectory_id, new_trajectory_ids, group, lease_ttl_s))
+
+    async def diff(
+        self, trajectory_id: str, dest_dir: str | os.PathLike[str] | None = None
+    ) -> DiffResponse:
+        """What changed since the workspace's template or fork source: the files added or
+        changed (extracted into ``dest_dir`` when given) and the paths deleted
+        (``.deleted``)."""
+        diff = await self._send(self._diff(trajectory_id))
+        if dest_dir is not None and diff.success:
+            await asyncio.to_thread(unpack_diff, diff, dest_dir)
+        return diff

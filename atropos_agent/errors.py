@@ -14,11 +14,16 @@ Both servers turn any ``AtroposError`` into ``{"error": message}`` with that sta
     │   ├── TrajectoryBusy          409: a release waited too long for a running call
     │   ├── NoFreeSlot              503: no slot became free within the acquire timeout
     │   ├── UnknownSlot             404: the sandbox has no such slot (/reset, /artifacts/*)
-    │   └── SlotBusy                503: too many calls already wait for one slot
+    │   ├── SlotBusy                503: too many calls already wait for one slot
+    │   ├── UnknownTemplate         404: no workspace template of that name
+    │   ├── WorkspaceConflict       409: the trajectory holds another workspace, or the id is taken
+    │   ├── ArchiveRefused          400: an archive holds what a workspace may not hold
+    │   └── TooLarge                413: a body or an archive over its size or entry cap
     ├── Unavailable             a part the service depends on failed
     │   ├── BackendError            503: sandboxes cannot be started, found or stopped
     │   ├── SandboxUnavailable      502: a sandbox did not answer, or failed mid-batch
-    │   │   └── ProtocolMismatch        502: a sandbox speaks a protocol this executor cannot
+    │   │   ├── ProtocolMismatch        502: a sandbox speaks a protocol this executor cannot
+    │   │   └── MissingLayers           502: a sandbox lacks layers a workspace is made of
     │   ├── ExternalToolError       502: the external tool server could not run a call
     │   ├── IsolationUnavailable    500: bubblewrap cannot create a sandbox on this host
     │   └── SandboxStartError       500: a sandbox server or one of its slots cannot start
@@ -114,6 +119,30 @@ class SlotBusy(RequestRefused):
     error_kind = "overloaded"
 
 
+class UnknownTemplate(RequestRefused):
+    """A request named a workspace template the executor does not have."""
+
+    status_code = 404
+
+
+class WorkspaceConflict(RequestRefused):
+    """A trajectory already holds a workspace other than the one asked for, or a new
+    trajectory id (a fork's) already holds a lease."""
+
+    status_code = 409
+
+
+class ArchiveRefused(RequestRefused):
+    """An archive holds an entry a workspace may not: an absolute path, ``..``, a link out of
+    the workspace, a device, a hard link to a file not in the archive."""
+
+
+class TooLarge(RequestRefused):
+    """A request body or an archive over its size or entry cap."""
+
+    status_code = 413
+
+
 class Unavailable(AtroposError):
     """Something the service depends on failed; the message names it."""
 
@@ -132,6 +161,15 @@ class SandboxUnavailable(Unavailable):
 
 class ProtocolMismatch(SandboxUnavailable):
     """A sandbox speaks a protocol version this executor cannot drive."""
+
+
+class MissingLayers(SandboxUnavailable):
+    """A sandbox lacks workspace layers a slot was to start on (the executor sends them and
+    asks again; this reaches a caller only when that failed too)."""
+
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class ExternalToolError(Unavailable):

@@ -165,12 +165,15 @@ LeaseTTL = Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]
 
 
 class LeaseOptions(BaseModel):
-    """New: what a trainer may say of a lease when it is taken (ignored on later calls)."""
+    """New: what a trainer may say of a lease when it is taken (ignored on later calls, but
+    for ``template``: naming another than the lease's is refused)."""
 
     # A name the trainer groups trajectories by (its run, its step): release them in one call.
     group: Identifier | None = None
     # The lease ends this many seconds after it was taken, as an idle one expires.
     lease_ttl_s: LeaseTTL | None = None
+    # The workspace starts as this template's files (POST /templates), not empty.
+    template: Identifier | None = None
 
 
 class ExecuteRequest(LeaseOptions):
@@ -254,6 +257,9 @@ class ServiceInfo(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "starting", "degraded"]
     reason: str | None = None
+    # New: how the sandboxes build workspaces from templates and forks ("overlay": copy-on-
+    # write; "copy": a real copy each; "mixed"), once one serves.
+    workspace_layers: str | None = None
 
 
 class StatusResponse(BaseModel):
@@ -285,6 +291,9 @@ class TrajectoryInfo(BaseModel):
     # Seconds until the lease ends by its lifetime (lease_ttl_s or the maximum lease age);
     # None when only idle expiry applies.
     expires_in_s: float | None = None
+    # What the workspace started from: a template's name, or the trajectory it was forked from.
+    template: str | None = None
+    forked_from: str | None = None
 
 
 class TrajectoriesResponse(BaseModel):
@@ -304,6 +313,124 @@ class ArtifactListRequest(ArtifactListFields):
 
 class ArtifactArchiveRequest(ArtifactArchiveFields):
     trajectory_id: Identifier
+
+
+# ---- workspaces: uploads, templates, forks, diffs (docs/executor.md, "Preparing once,
+# running many")
+
+# How many trajectories one POST /fork makes: a GRPO group is 8 to 64 rollouts.
+MAX_FORKS = 256
+
+
+class UploadOptions(LeaseOptions):
+    """Where an upload goes (``path``, from the workspace root) and what it is: a tar.gz
+    extracted there, or one file written there. The query of ``PUT
+    /trajectories/{trajectory_id}/archive``; the lease options count when the upload takes the
+    trajectory's lease."""
+
+    path: PathText = "."
+    format: Literal["tar.gz", "file"] = "tar.gz"
+
+
+class UploadRequest(UploadOptions):
+    """``POST /artifacts/upload``: the upload as base64 in JSON (``content``)."""
+
+    trajectory_id: Identifier
+    # Base64 of the archive (format "tar.gz") or of the file's bytes (format "file").
+    content: str
+
+
+class UploadResponse(BaseModel):
+    """An upload (both hops): a refused archive is ``success: false`` with the member and the
+    reason in ``error``, and nothing of it written."""
+
+    success: bool
+    error: str = ""
+    # Bytes of the archive received, and the entries it held.
+    bytes: int = 0
+    entry_count: int = 0
+
+
+class TemplateRequest(BaseModel):
+    """``POST /templates``: a template from an archive (``content``, base64 tar.gz), or from
+    the files of a live trajectory's workspace (``trajectory_id``)."""
+
+    name: Identifier
+    content: str | None = None
+    trajectory_id: Identifier | None = None
+
+    @model_validator(mode="after")
+    def one_source(self) -> TemplateRequest:
+        if (self.content is None) == (self.trajectory_id is None):
+            raise ValueError("give exactly one of content and trajectory_id")
+        return self
+
+
+class TemplateInfo(BaseModel):
+    name: str
+    # Size of the template's tar.gz, its entries, and the sha256 of its bytes.
+    bytes: int
+    entry_count: int
+    sha256: str
+    created_at: float = 0.0
+
+
+class TemplatesResponse(BaseModel):
+    templates: list[TemplateInfo]
+
+
+class TemplateDeleteResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    name: str
+
+
+class ForkRequest(BaseModel):
+    """``POST /fork``: new trajectories whose workspaces start as the source's files now."""
+
+    trajectory_id: Identifier
+    new_trajectory_ids: Annotated[list[Identifier], Field(min_length=1, max_length=MAX_FORKS)]
+    # The new leases' group (default: the source's) and lifetime.
+    group: Identifier | None = None
+    lease_ttl_s: LeaseTTL | None = None
+
+    @model_validator(mode="after")
+    def distinct_ids(self) -> ForkRequest:
+        if len(set(self.new_trajectory_ids)) != len(self.new_trajectory_ids):
+            raise ValueError("new_trajectory_ids must not repeat an id")
+        if self.trajectory_id in self.new_trajectory_ids:
+            raise ValueError("new_trajectory_ids must not hold the source trajectory_id")
+        return self
+
+
+class ForkedTrajectory(BaseModel):
+    trajectory_id: str
+    sandbox_id: str
+    slot_id: str
+
+
+class ForkResponse(BaseModel):
+    trajectory_id: str
+    forks: list[ForkedTrajectory]
+
+
+class DiffRequest(BaseModel):
+    trajectory_id: Identifier
+
+
+class DiffResponse(BaseModel):
+    """``POST /artifacts/diff``: what changed since the workspace's template or fork source."""
+
+    success: bool
+    error: str = ""
+    # Base64 tar.gz of the files, links and new directories added or changed.
+    content: str = ""
+    encoding: Literal["base64"] = "base64"
+    format: Literal["tar.gz"] = "tar.gz"
+    # Paths (from the workspace root) that are gone, and those added or changed.
+    deleted: list[str] = Field(default_factory=list)
+    changed: list[str] = Field(default_factory=list)
+    bytes: int = 0
+    entry_count: int = 0
 
 
 def effective_timeout(timeout_s: float | None, arguments_timeout: object) -> float:

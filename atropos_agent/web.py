@@ -2,7 +2,8 @@
 
 Bearer-token auth, a request-size cap and the I-JSON rule for bodies, as plain ASGI middleware
 so that they run before any body is parsed; JSON answers that can always be encoded; error
-answers, with a last-resort handler that never drops a keep-alive connection silently.
+answers, with a last-resort handler that never drops a keep-alive connection silently; the
+``GET /metrics`` answer of both.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atropos_agent.errors import AtroposError
+from atropos_agent.errors import AtroposError, TooLarge
 
 log = logging.getLogger("atropos.web")
 
@@ -186,27 +190,67 @@ class BearerAuthMiddleware:
         await response(scope, receive, send)
 
 
+@dataclass(frozen=True)
+class BodyRule:
+    """A route whose body has a cap of its own (``max_bytes``) instead of the server's.
+
+    A ``raw`` body (an archive, not JSON) is not read here: its route reads it as it arrives
+    (to stream it on), and a read beyond the cap raises ``TooLarge`` there (413).
+    """
+
+    method: str
+    # Matched against the whole request path.
+    path: re.Pattern[str]
+    max_bytes: int
+    raw: bool = False
+
+    def matches(self, scope: Scope) -> bool:
+        return scope["method"] == self.method and self.path.fullmatch(scope["path"]) is not None
+
+
+def capped(receive: Receive, max_bytes: int) -> Receive:
+    """``receive``, raising ``TooLarge`` once the body read exceeds ``max_bytes``."""
+    size = 0
+
+    async def receive_capped() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > max_bytes:
+            raise TooLarge(f"request body exceeds the {max_bytes}-byte limit")
+        return message
+
+    return receive_capped
+
+
 class BodyLimitMiddleware:
     """Reads the body once, before the application parses any of it: 413 for a body over
-    ``max_bytes``, 400 for one that is not I-JSON (``ijson_problem``)."""
+    ``max_bytes`` (or its route's ``BodyRule``), 400 for one that is not I-JSON
+    (``ijson_problem``). Raw bodies of a rule are counted as their route reads them."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, rules: Sequence[BodyRule] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.rules = tuple(rules)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        rule = next((rule for rule in self.rules if rule.matches(scope)), None)
+        max_bytes = self.max_bytes if rule is None else rule.max_bytes
         headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self.too_large(scope, receive, send, max_bytes)
+            return
+        if rule is not None and rule.raw:
+            await self.app(scope, capped(receive, max_bytes), send)
+            return
         if b"json" not in headers.get(b"content-type", b""):
             # Every body here is JSON: `curl -d` (sent as a form) should work all the same.
             kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self.too_large(scope, receive, send)
-            return
         # Without a trustworthy length (chunked bodies), read at most max_bytes, then replay.
         chunks: list[bytes] = []
         size = 0
@@ -217,8 +261,8 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self.too_large(scope, receive, send)
+            if size > max_bytes:
+                await self.too_large(scope, receive, send, max_bytes)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -238,9 +282,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def too_large(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
         response = error_response(
-            413, f"request body exceeds the {self.max_bytes}-byte limit", limit=self.max_bytes
+            413, f"request body exceeds the {max_bytes}-byte limit", limit=max_bytes
         )
         await response(scope, receive, send)
 
@@ -332,3 +376,12 @@ def describe_settings_error(exc: ValidationError, env_prefix: str) -> str:
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{name}: {error['msg']}{shown}")
     return "; ".join(lines)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def metrics_response(registry: CollectorRegistry, accept: str | None) -> Response:
+    """``registry`` in the format the scraper asks for (OpenMetrics, else Prometheus text)."""
+    encode, content_type = choose_encoder(accept or "")
+    return Response(encode(registry), media_type=content_type)

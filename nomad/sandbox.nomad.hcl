@@ -153,20 +153,24 @@ job "atropos-sandbox-tool-executor" {
 
       # The server's settings; the executor passes its own TOOL_EXECUTOR_SANDBOX_* values down.
       env {
-        ATROPOS_SANDBOX_HOST              = "0.0.0.0"
-        ATROPOS_SANDBOX_PORT              = "8080"
-        ATROPOS_SANDBOX_SLOTS             = "${var.slots}"
-        ATROPOS_SANDBOX_ALLOW_NETWORK     = "${var.allow_network}"
-        ATROPOS_SANDBOX_MEMORY_MB         = "2048"
-        ATROPOS_SANDBOX_MAX_PROCESSES     = "256"
-        ATROPOS_SANDBOX_MAX_OUTPUT_BYTES  = "65536"
-        ATROPOS_SANDBOX_MAX_FILE_BYTES    = "5242880"
-        ATROPOS_SANDBOX_DISK_MB           = "1024"
-        ATROPOS_SANDBOX_MAX_REQUEST_BYTES = "33554432"
-        ATROPOS_SANDBOX_ISOLATION         = "bwrap"
-        ATROPOS_SANDBOX_SLOT_UID_BASE     = "200000"
-        ATROPOS_SANDBOX_TERMINAL_OUTPUT   = "split"
-        ATROPOS_SANDBOX_JOB_TIMEOUT_S     = "300"
+        ATROPOS_SANDBOX_HOST               = "0.0.0.0"
+        ATROPOS_SANDBOX_PORT               = "8080"
+        ATROPOS_SANDBOX_SLOTS              = "${var.slots}"
+        ATROPOS_SANDBOX_ALLOW_NETWORK      = "${var.allow_network}"
+        ATROPOS_SANDBOX_MEMORY_MB          = "2048"
+        ATROPOS_SANDBOX_MAX_PROCESSES      = "256"
+        ATROPOS_SANDBOX_MAX_OUTPUT_BYTES   = "65536"
+        ATROPOS_SANDBOX_MAX_FILE_BYTES     = "5242880"
+        ATROPOS_SANDBOX_DISK_MB            = "1024"
+        ATROPOS_SANDBOX_MAX_REQUEST_BYTES  = "33554432"
+        ATROPOS_SANDBOX_ISOLATION          = "bwrap"
+        ATROPOS_SANDBOX_SLOT_UID_BASE      = "200000"
+        ATROPOS_SANDBOX_TERMINAL_OUTPUT    = "split"
+        ATROPOS_SANDBOX_JOB_TIMEOUT_S      = "300"
+        ATROPOS_SANDBOX_UPLOAD_MAX_MB      = "1024"
+        ATROPOS_SANDBOX_UPLOAD_MAX_ENTRIES = "200000"
+        ATROPOS_SANDBOX_LAYER_CACHE_MB     = "8192"
+        ATROPOS_SANDBOX_WORKSPACE_LAYERS   = "auto"
       }
 
       # The shared token every sandbox requires from the executor. It lives in a Nomad Variable

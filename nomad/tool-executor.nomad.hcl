@@ -81,6 +81,10 @@ job "atropos-tool-executor" {
       port "http" {
         to = 9001
       }
+      # GET /metrics without auth, for Prometheus (TOOL_EXECUTOR_METRICS_PORT below).
+      port "metrics" {
+        to = 9102
+      }
     }
 
     service {
@@ -98,12 +102,20 @@ job "atropos-tool-executor" {
       }
     }
 
+    # Where Prometheus finds the metrics (deploy/prometheus/prometheus.yml keeps this name).
+    service {
+      name     = "atropos-tool-executor-metrics"
+      port     = "metrics"
+      provider = "nomad"
+      tags     = ["metrics"]
+    }
+
     task "executor" {
       driver = "docker"
 
       config {
         image = var.image
-        ports = ["http"]
+        ports = ["http", "metrics"]
       }
 
       env {
@@ -126,6 +138,9 @@ job "atropos-tool-executor" {
         # The lease journal outlives a restart of this task in its allocation, so trainers of
         # the previous run are told their workspaces are gone (docs/executor.md).
         TOOL_EXECUTOR_STATE_DIR         = "${NOMAD_ALLOC_DIR}/state"
+        # Metrics answer without a token on this port only (the service's port asks for one).
+        TOOL_EXECUTOR_METRICS_HOST      = "0.0.0.0"
+        TOOL_EXECUTOR_METRICS_PORT      = "9102"
       }
 
       # Tokens, rendered from this job's own Variable into the secrets directory and read back

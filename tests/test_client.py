@@ -24,6 +24,14 @@ METHODS = {
     "cancel",
     "release_group",
     "execute_stream",
+    "upload_dir",
+    "upload_file",
+    "upload_archive",
+    "create_template",
+    "list_templates",
+    "delete_template",
+    "fork",
+    "diff",
 }
 ITERATORS = {"execute_stream"}
 STATUS_KEYS = {"queue_size", "total_requests", "total_errors", "pool"}

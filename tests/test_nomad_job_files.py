@@ -244,16 +244,21 @@ def test_executor_job_file_configures_a_nomad_backend(monkeypatch: pytest.Monkey
     # Leases live in the executor's memory: one executor per pool.
     assert group["count"] == 1
 
-    port = labeled(block(group, "network"), "port")["http"]
-    service = block(group, "service")
+    ports = labeled(block(group, "network"), "port")
+    port = ports["http"]
+    services = {service["name"]: service for service in group["service"]}
+    service = services["atropos-tool-executor"]
     assert service["port"] == "http" and service["provider"] == "nomad"
+    # Prometheus finds the metrics port by this service (deploy/prometheus/prometheus.yml).
+    metrics_service = services["atropos-tool-executor-metrics"]
+    assert metrics_service["port"] == "metrics" and metrics_service["provider"] == "nomad"
     check = block(service, "check")
     assert (check["type"], check["path"]) == ("http", "/health")
 
     ((_, task),) = labeled(group, "task").items()
     assert task["driver"] == "docker"
     config = hcl.values(block(task, "config"))
-    assert config["ports"] == ["http"]
+    assert config["ports"] == ["http", "metrics"]
 
     env = hcl.env(task)
     assert not [name for name in env if "TOKEN" in name], "tokens belong in the Variable"
@@ -263,6 +268,8 @@ def test_executor_job_file_configures_a_nomad_backend(monkeypatch: pytest.Monkey
     assert settings.backend == "nomad"
     assert settings.host == "0.0.0.0"
     assert settings.port == port["to"] == 9001
+    assert settings.metrics_port == ports["metrics"]["to"]
+    assert settings.metrics_host == "0.0.0.0"
     assert settings.nomad_address == "http://${attr.unique.network.ip-address}:4646"
     defaults = ExecutorSettings(_env_file=None, backend="nomad")
     # The pool this executor registers is the one nomad/sandbox.nomad.hcl describes.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +23,19 @@ from harness.servers import TOKEN, SandboxServer, start_sandbox
 
 Factory = Callable[..., SandboxServer]
 
+
+def tiny_layer() -> bytes:
+    """A layer archive of one file, for the layer routes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        member = tarfile.TarInfo("auth-layer.txt")
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"x"))
+    return buffer.getvalue()
+
+
+AUTH_LAYER = tiny_layer()
+AUTH_LAYER_ID = "sha256-" + hashlib.sha256(AUTH_LAYER).hexdigest()
 # A valid request for every authenticated route: (method, path, JSON body).
 ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/execute", {"slot_id": "slot_0", "tool": "terminal", "args": {"command": "true"}}),
@@ -37,8 +53,22 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/artifacts/read", {"slot_id": "slot_0", "path": "auth.txt"}),
     ("POST", "/artifacts/list", {"slot_id": "slot_0", "path": "."}),
     ("POST", "/artifacts/archive", {"slot_id": "slot_0", "path": "."}),
+    # A raw body (bytes, not JSON): one file.
+    ("PUT", "/slots/slot_0/archive?format=file&path=auth-upload.txt", b"x"),
+    # Workspaces made of layers: a layer's raw archive, the store, slots started on layers.
+    ("PUT", f"/layers/{AUTH_LAYER_ID}", AUTH_LAYER),
+    ("GET", "/layers", None),
+    ("GET", f"/layers/{AUTH_LAYER_ID}", None),
+    ("DELETE", f"/layers/{AUTH_LAYER_ID}", None),
+    ("POST", "/slots/slot_0/workspace", {"layers": []}),
+    ("POST", "/slots/slot_0/fork", {"targets": []}),
+    ("GET", "/slots/slot_0/export", None),
+    ("GET", "/slots/slot_0/diff", None),
+    ("GET", "/metrics", None),
 ]
 ROUTE_IDS = [path for _, path, _ in ROUTES]
+# What the documented paths' parameters stand for in ROUTES.
+PATH_PARAMETERS = {"{slot_id}": "slot_0", "{layer_id}": AUTH_LAYER_ID}
 
 
 def unique(prefix: str) -> str:
@@ -176,13 +206,18 @@ def test_batch_with_one_bad_item_runs_the_others(
 
 @pytest.fixture(scope="module")
 def anonymous(sandbox: SandboxServer) -> Iterator[httpx.Client]:
+    # The layer GET /layers/{layer_id} answers (the PUT of ROUTES may not have run).
+    stored = sandbox.client.put(f"/layers/{AUTH_LAYER_ID}", content=AUTH_LAYER)
+    assert stored.status_code == 200, stored.text
     with httpx.Client(base_url=sandbox.url, timeout=60) as client:
         yield client
 
 
 def call(client: httpx.Client, method: str, path: str, body: Any, **headers: str) -> httpx.Response:
-    if method == "GET":
-        return client.get(path, headers=headers)
+    if method in ("GET", "DELETE"):
+        return client.request(method, path, headers=headers)
+    if isinstance(body, bytes):
+        return client.request(method, path, content=body, headers=headers)
     return client.post(path, json=body, headers=headers)
 
 
@@ -237,8 +272,12 @@ def test_auth_rejected_call_does_not_run(sandbox: SandboxServer, anonymous: http
 
 
 def test_auth_routes_cover_every_route(sandbox: SandboxServer) -> None:
-    documented = set(sandbox.client.get("/openapi.json").json()["paths"])
-    assert documented == {path for _, path, _ in ROUTES} | {"/health"}
+    documented = set()
+    for path in sandbox.client.get("/openapi.json").json()["paths"]:
+        for parameter, value in PATH_PARAMETERS.items():
+            path = path.replace(parameter, value)
+        documented.add(path)
+    assert documented == {path.partition("?")[0] for _, path, _ in ROUTES} | {"/health"}
 
 
 def test_health_needs_no_token(anonymous: httpx.Client) -> None:
@@ -258,8 +297,9 @@ def test_health(sandbox: SandboxServer) -> None:
     assert health["busy_slots"] == 0
     assert health["isolation"] == "bwrap"
     assert health["version"] == __version__
-    assert health["protocol_version"] == PROTOCOL_VERSION == 4
+    assert health["protocol_version"] == PROTOCOL_VERSION == 5
     assert health["uptime_s"] >= 0
+    assert health["workspace_layers"] == "overlay"  # root, Linux >= 5.19: copy-on-write works
 
 
 def test_slots_listing(sandbox: SandboxServer) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from atropos_agent import __version__
 from atropos_agent.errors import BackendError
@@ -25,9 +28,14 @@ from atropos_agent.executor.backends import create_backend
 from atropos_agent.executor.executor import ENDED_MEMORY, Executor
 from atropos_agent.executor.external_tools import ExternalTools
 from atropos_agent.executor.lease_journal import LeaseJournal
+from atropos_agent.executor.metrics import ExecutorMetrics
+from atropos_agent.executor.metrics_port import with_metrics_port
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.settings import ExecutorSettings
+from atropos_agent.executor.shipping import Shipping
+from atropos_agent.executor.templates import TemplateRegistry
 from atropos_agent.executor.transport import AiohttpTransport
+from atropos_agent.executor.workspaces import Workspaces, decoded, one_chunk
 from atropos_agent.models import (
     MAX_ID_CHARS,
     ArtifactArchiveRequest,
@@ -38,20 +46,31 @@ from atropos_agent.models import (
     ArtifactReadResponse,
     CancelRequest,
     CancelResponse,
+    DiffRequest,
+    DiffResponse,
     ExecuteBatchRequest,
     ExecuteBatchResponse,
     ExecuteRequest,
+    ForkRequest,
+    ForkResponse,
     GroupReleaseResponse,
     HealthResponse,
     ReleaseRequest,
     ReleaseResponse,
     ServiceInfo,
     StatusResponse,
+    TemplateDeleteResponse,
+    TemplateInfo,
+    TemplateRequest,
+    TemplatesResponse,
     ToolResult,
     ToolsResponse,
     TrajectoriesResponse,
     TrajectoryInfo,
     TrajectoryRequest,
+    UploadOptions,
+    UploadRequest,
+    UploadResponse,
 )
 from atropos_agent.sandbox.protocol import OutputEvent
 from atropos_agent.sandbox.tools import SANDBOX_TOOL_SCHEMAS
@@ -66,9 +85,11 @@ from atropos_agent.serving import (
 from atropos_agent.web import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
+    BodyRule,
     SafeJSONResponse,
     encode_json,
     install_error_handlers,
+    metrics_response,
 )
 
 log = logging.getLogger("atropos.api")
@@ -94,9 +115,11 @@ async def root() -> ServiceInfo:
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(request: Request) -> JSONResponse:
-    ok, reason = executor_of(request).pool.healthy()
+    pool = executor_of(request).pool
+    ok, reason = pool.healthy()
     if ok:
-        return JSONResponse(HealthResponse(status="ok").model_dump(exclude_none=True))
+        answer = HealthResponse(status="ok", workspace_layers=pool.workspace_layers())
+        return JSONResponse(answer.model_dump(exclude_none=True))
     answer = HealthResponse(
         status="starting" if reason == "starting" else "degraded", reason=reason
     )
@@ -106,6 +129,14 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/status")
 async def status(request: Request) -> StatusResponse:
     return executor_of(request).status()
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (docs/operations.md, "Metrics"). Async: a scrape reads the pool's
+    state in the event loop, where it changes."""
+    registry = executor_of(request).metrics.registry
+    return metrics_response(registry, request.headers.get("accept"))
 
 
 @router.get("/tools")
@@ -249,21 +280,119 @@ async def artifacts_archive(
     return await executor_of(request).archive_artifacts(body)
 
 
+# ---- workspaces: uploads, templates, forks, diffs (docs/executor.md, "Preparing once, running
+# many"). A raw body (an archive) is streamed through as it arrives, never held whole.
+
+GZIP_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def workspaces_of(request: Request) -> Workspaces:
+    workspaces: Workspaces = request.app.state.workspaces
+    return workspaces
+
+
+def checked_id(value: str, what: str) -> str:
+    """An id from the URL path, held to the rules of one in a body (422 otherwise)."""
+    try:
+        return TrajectoryRequest(trajectory_id=value).trajectory_id
+    except ValidationError as exc:
+        error = {**exc.errors()[0], "loc": ("path", what)}
+        raise RequestValidationError([error]) from None
+
+
+@router.post("/artifacts/upload")
+async def artifacts_upload(body: UploadRequest, request: Request) -> UploadResponse:
+    content = decoded(body.content, "content")
+    return await workspaces_of(request).upload(
+        body.trajectory_id, body.path, body.format, content, body
+    )
+
+
+@router.put("/trajectories/{trajectory_id}/archive", openapi_extra=GZIP_BODY)
+async def trajectory_archive(
+    trajectory_id: str, options: Annotated[UploadOptions, Query()], request: Request
+) -> UploadResponse:
+    """``/artifacts/upload`` with the archive as the raw body (``application/gzip``)."""
+    trajectory_id = checked_id(trajectory_id, "trajectory_id")
+    return await workspaces_of(request).upload(
+        trajectory_id, options.path, options.format, request.stream(), options
+    )
+
+
+@router.post("/templates")
+async def create_template(body: TemplateRequest, request: Request) -> TemplateInfo:
+    workspaces = workspaces_of(request)
+    if body.trajectory_id is not None:
+        return await workspaces.template_of(body.name, body.trajectory_id)
+    assert body.content is not None
+    return await workspaces.create_template(body.name, one_chunk(decoded(body.content, "content")))
+
+
+@router.put("/templates/{name:path}", openapi_extra=GZIP_BODY)
+async def put_template(name: str, request: Request) -> TemplateInfo:
+    """``POST /templates {name, content}`` with the archive as the raw body."""
+    name = checked_id(name, "name")
+    return await workspaces_of(request).create_template(name, request.stream())
+
+
+@router.get("/templates")
+async def list_templates(request: Request) -> TemplatesResponse:
+    return TemplatesResponse(templates=workspaces_of(request).list_templates())
+
+
+@router.delete("/templates/{name:path}")
+async def delete_template(name: str, request: Request) -> TemplateDeleteResponse:
+    workspaces_of(request).delete_template(name)
+    return TemplateDeleteResponse(name=name)
+
+
+@router.post("/fork")
+async def fork(body: ForkRequest, request: Request) -> ForkResponse:
+    return await workspaces_of(request).fork(body)
+
+
+@router.post("/artifacts/diff")
+async def artifacts_diff(body: DiffRequest, request: Request) -> DiffResponse:
+    return await workspaces_of(request).diff(body.trajectory_id)
+
+
+def body_rules(settings: ExecutorSettings) -> list[BodyRule]:
+    """Uploads and templates take archives up to ``TOOL_EXECUTOR_UPLOAD_MAX_MB``: as raw
+    bodies, or as base64 in JSON (4/3 of the bytes, and a little JSON around them)."""
+    upload = settings.upload_max_mb * 1024 * 1024
+    as_json = max(settings.max_request_bytes, upload * 4 // 3 + 64 * 1024)
+    return [
+        BodyRule("POST", re.compile("/artifacts/upload"), as_json),
+        BodyRule("POST", re.compile("/templates"), as_json),
+        BodyRule("PUT", re.compile("/trajectories/[^/]+/archive"), upload, raw=True),
+        BodyRule("PUT", re.compile("/templates/.+"), upload, raw=True),
+    ]
+
+
 def build_executor(settings: ExecutorSettings) -> Executor:
     """The executor and everything it owns: pool, backend, transport, external tools."""
     transport = AiohttpTransport()
-    pool = Pool(settings.pool(), create_backend(settings, transport), transport)
+    metrics = ExecutorMetrics(settings.backend, settings.job_id, settings.scaling)
+    pool = Pool(settings.pool(), create_backend(settings, transport), transport, metrics)
     token = settings.tool_server_token.get_secret_value() if settings.tool_server_token else None
     # Room for every remembered end and every slot the pool can lease at once.
     capacity = ENDED_MEMORY + settings.slots * settings.max_containers
     journal = LeaseJournal.configured(settings.journal(), capacity)
     external = ExternalTools(settings.tool_server_url, token)
-    return Executor(settings.calls(), pool, external, journal)
+    shipping = Shipping(TemplateRegistry(settings.workspaces()))
+    return Executor(settings.calls(), pool, external, journal, metrics, shipping)
 
 
 def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
     settings = settings or ExecutorSettings()
     executor = build_executor(settings)
+    assert executor.shipping is not None
+    workspaces = Workspaces(executor, executor.shipping)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -271,6 +400,8 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
         open_files = raise_open_file_limit()
         try:
             await executor.start()
+            # After the journal's lock: one live executor per identity uses its templates.
+            workspaces.registry.open()
         except BackendError as exc:
             log.error("event=startup_failed backend=%s error=%s", settings.backend, exc)
             await executor.stop()
@@ -298,18 +429,24 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
                 await asyncio.wait_for(executor.stop(), deadline.remaining())
             except TimeoutError:
                 log.error("event=stop_overran: sandboxes left to die with this process")
+            workspaces.registry.close()
 
     app = FastAPI(
         title=SERVICE_NAME,
         version=__version__,
-        lifespan=lifespan,
+        lifespan=with_metrics_port(
+            lifespan, executor.metrics.registry, settings.metrics_host, settings.metrics_port
+        ),
         default_response_class=SafeJSONResponse,
     )
     app.state.executor = executor
+    app.state.workspaces = workspaces
     app.include_router(router)
     install_error_handlers(app)
     token = settings.token.get_secret_value() if settings.token else None
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, rules=body_rules(settings)
+    )
     app.add_middleware(BearerAuthMiddleware, token=token, open_paths={"/", "/health"})
     return app
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,16 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, sandbox: SandboxClient, window_s: float, max_size: int) -> None:
+    def __init__(
+        self,
+        sandbox: SandboxClient,
+        window_s: float,
+        max_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self.sandbox = sandbox
+        # Told each batch's size as it is sent (the metrics).
+        self.on_batch = on_batch
         self.window_s = window_s
         self.max_size = max_size
         self.pending: list[PendingCall] = []
@@ -111,6 +120,8 @@ class Batcher:
             self.in_flight += 1
             self.in_flight_calls += len(batch)
             self.stats.record(len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             task = asyncio.create_task(self._send(batch))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)

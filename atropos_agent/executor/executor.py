@@ -9,6 +9,9 @@
 - A call retried with its ``uniq_id`` runs once (``replays.py``); a call can be cancelled
   (``POST /cancel``, or its client going away), which kills its command in the sandbox.
 - Every failed result says its ``error_kind`` and whether a retry can help (``error_kinds.py``).
+- A lease may start from a template's files (``shipping.py``); naming another template than
+  the one the lease was made from is refused. Uploads, forks and diffs (``workspaces.py``)
+  run in order with the trajectory's calls through ``leased``.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from atropos_agent.errors import (
     ExternalToolError,
     NoFreeSlot,
     QueueFull,
+    RequestRefused,
     SandboxUnavailable,
     ShuttingDown,
     TrajectoryBusy,
+    UnknownTemplate,
     UnknownTrajectory,
+    WorkspaceConflict,
     WorkspaceGone,
 )
 from atropos_agent.executor import error_kinds
@@ -37,11 +43,20 @@ from atropos_agent.executor.call_tasks import SHUTDOWN, CallTasks
 from atropos_agent.executor.external_tools import ExternalTools
 from atropos_agent.executor.lease_journal import LeaseJournal
 from atropos_agent.executor.leases import Lease
+from atropos_agent.executor.metrics import ExecutorMetrics, PoolState, tool_label
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.replays import Key, ReplayLimits, Replays, digest_of, replayed
 from atropos_agent.executor.sandbox_client import SandboxClient
 from atropos_agent.executor.settings import CallSettings
-from atropos_agent.executor.trajectories import Ending, LatencyWindow, Trajectory, ended_result
+from atropos_agent.executor.shipping import Shipping
+from atropos_agent.executor.templates import Template
+from atropos_agent.executor.trajectories import (
+    Ending,
+    LatencyWindow,
+    RecentErrors,
+    Trajectory,
+    ended_result,
+)
 from atropos_agent.models import (
     MAX_TIMEOUT_S,
     ArtifactArchiveRequest,
@@ -96,9 +111,16 @@ class Executor:
         pool: Pool,
         external: ExternalTools,
         journal: LeaseJournal | None = None,
+        metrics: ExecutorMetrics | None = None,
+        shipping: Shipping | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
+        # Templates and the layers workspaces are made of (shipping.py); None: no templates.
+        self.shipping = shipping
+        # One registry for the executor and its pool (the pool records scaling and retirements).
+        self.metrics = metrics or pool.metrics
+        self.metrics.watch(self.metrics_state)
         self.external = external
         # Which trajectories hold or held leases, for the executor started after this one.
         self.journal = journal or LeaseJournal.in_memory()
@@ -111,6 +133,7 @@ class Executor:
         self.total_requests = 0
         self.total_errors = 0
         self.latency = LatencyWindow()
+        self.recent_errors = RecentErrors()
         self.sweeper: asyncio.Task[None] | None = None
         # The tasks of calls in the service: cancel, shutdown (call_tasks.py).
         self.calls = CallTasks()
@@ -179,8 +202,10 @@ class Executor:
     def admit(self, count: int = 1) -> None:
         """Count calls into the service, refusing beyond the queue bound and when stopping."""
         if self.calls.draining:
+            self.metrics.call_refused("shutting_down")
             raise ShuttingDown("the executor is shutting down and takes no new calls; retry")
         if self.in_service + count > self.settings.max_queue:
+            self.metrics.call_refused("queue_full")
             raise QueueFull(
                 f"{self.in_service} calls in the service (limit {self.settings.max_queue}); "
                 "retry shortly"
@@ -215,10 +240,18 @@ class Executor:
         finally:
             self.in_service -= 1
         result.uniq_id = tool.uniq_id
+        outcome = "ok"
         if not result.success:
             self.total_errors += 1
             error_kinds.label(result)
-        self.latency.add(time.monotonic() - started)
+            kind = result.metadata["error_kind"]
+            # A tool server may name kinds of its own: the label stays bounded.
+            outcome = kind if kind in error_kinds.RETRYABLE else "other"
+            self.recent_errors.add(trajectory_id, tool, result)
+        elapsed = time.monotonic() - started
+        self.latency.add(elapsed)
+        tool_name = tool_label(tool.name, self.external.has(tool.name))
+        self.metrics.call_answered(tool_name, outcome, elapsed)
         return result
 
     async def _replayed(self, key: Key, digest: int) -> ToolResult | None:
@@ -327,7 +360,10 @@ class Executor:
                         continue
                     trajectory.calls += 1
                     if is_sandbox:
-                        return await self._sandbox_call(trajectory, tool, timeout, on_output)
+                        template = options.template if options is not None else None
+                        return await self._sandbox_call(
+                            trajectory, tool, timeout, on_output, template
+                        )
                     return await self._external_call(trajectory_id, tool, timeout)
             finally:
                 trajectory.in_flight -= 1
@@ -347,16 +383,27 @@ class Executor:
         return trajectory
 
     async def _sandbox_call(
-        self, trajectory: Trajectory, tool: ToolCall, timeout: float, on_output: OnOutput | None
+        self,
+        trajectory: Trajectory,
+        tool: ToolCall,
+        timeout: float,
+        on_output: OnOutput | None,
+        template: str | None = None,
     ) -> ToolResult:
         ended = self.ended.get(trajectory.trajectory_id)
         if ended is not None:
             return ended_result(ended)
-        if trajectory.lease is None:
-            try:
-                await self._take_lease(trajectory)
-            except NoFreeSlot as exc:
-                return ToolResult.failure(exc.message, acquire_timeout=True)
+        try:
+            if trajectory.lease is None:
+                await self.take_lease(trajectory, template)
+            else:
+                self.check_template(trajectory, template)
+        except NoFreeSlot as exc:
+            return ToolResult.failure(exc.message, acquire_timeout=True)
+        except RequestRefused as exc:  # an unknown template, or another than the lease's
+            return ToolResult.failure(exc.message, bad_request=True)
+        except SandboxUnavailable as exc:  # the template's files could not be set up
+            return ToolResult.failure(exc.message, sandbox_unavailable=True)
         lease = trajectory.lease
         assert lease is not None
         if lease.lost:
@@ -370,6 +417,7 @@ class Executor:
             lease=None if trajectory.owner_recorded else trajectory.slot_lease(),
         )
         sandbox = lease.sandbox
+        handed_over = time.monotonic()
         answered: asyncio.Future[BatchResult]
         if on_output is not None and sandbox.protocol_version >= STREAM_VERSION:
             answered = asyncio.ensure_future(sandbox.client.execute_streamed(item, on_output))
@@ -395,6 +443,7 @@ class Executor:
                 f"sandbox {lease.sandbox.sandbox_id} did not answer: {exc.message}",
                 sandbox_unavailable=True,
             )
+        self.metrics.sandbox_answered(tool.name, time.monotonic() - handed_over)
         trajectory.owner_recorded = True
         metadata = answer.metadata
         metadata.update(sandbox_id=lease.sandbox.sandbox_id, slot_id=lease.slot_id)
@@ -402,17 +451,52 @@ class Executor:
             success=answer.success, output=answer.output, error=answer.error, metadata=metadata
         )
 
-    async def _take_lease(self, trajectory: Trajectory) -> Lease:
-        """A slot for the trajectory (``NoFreeSlot`` when none comes in time), its lifetime
-        set, and written down for the executor that may follow this one."""
+    async def take_lease(self, trajectory: Trajectory, template: str | None = None) -> Lease:
+        """A slot for the trajectory (``NoFreeSlot`` when none comes in time), its workspace
+        made of ``template``'s files when one is named (``UnknownTemplate``; on any failure
+        the slot goes back), held by the trajectory from now (``hold``)."""
+        known = self.known_template(template)
+        layers = (known.layer_id,) if known is not None else ()
         lease = await self.pool.acquire(trajectory.trajectory_id, self.settings.acquire_timeout_s)
+        if self.shipping is not None and layers:
+            try:
+                await self.shipping.start(lease, layers)
+            except BaseException:
+                self.pool.release(lease)
+                raise
+            lease.template, lease.layers = template, layers
+        self.hold(trajectory, lease)
+        return lease
+
+    def known_template(self, template: str | None) -> Template | None:
+        """The template of that name (None for None); ``UnknownTemplate`` when there is none."""
+        if template is None:
+            return None
+        if self.shipping is None:
+            raise UnknownTemplate(f"unknown template {template!r}: this executor keeps none")
+        return self.shipping.registry.get(template)
+
+    def check_template(self, trajectory: Trajectory, template: str | None) -> None:
+        """``WorkspaceConflict`` when ``template`` is named for a trajectory whose lease holds
+        another workspace than that template's."""
+        lease = trajectory.lease
+        if template is None or lease is None or lease.template == template:
+            return
+        raise WorkspaceConflict(
+            f"trajectory {trajectory.trajectory_id!r} already holds a workspace "
+            f"{lease.origin()}, not one from template {template!r}: leave out the template, "
+            "or release the trajectory first"
+        )
+
+    def hold(self, trajectory: Trajectory, lease: Lease) -> None:
+        """The trajectory holds ``lease`` from now: its lifetime set, and written down for
+        the executor that may follow this one."""
         trajectory.lease = lease
         trajectory.owner_recorded = False
         lifetimes = [t for t in (trajectory.lease_ttl_s, self.settings.lease_max_age_s) if t]
         if lifetimes:
             trajectory.expires_at = time.monotonic() + min(lifetimes)
         self.journal.record(trajectory.trajectory_id, lease.sandbox.sandbox_id, lease.slot_id)
-        return lease
 
     async def _cancel_in_sandbox(self, lease: Lease, answered: asyncio.Future[Any]) -> None:
         """Kill the command of a cancelled call in its slot. A cancel that reaches the sandbox
@@ -457,9 +541,12 @@ class Executor:
         self, trajectory_id: str, tool: ToolCall, timeout: float
     ) -> ToolResult:
         try:
-            return await self.external.execute(trajectory_id, tool, timeout)
+            result = await self.external.execute(trajectory_id, tool, timeout)
         except ExternalToolError as exc:
+            self.metrics.external_answered("unavailable")
             return ToolResult.failure(exc.message, sandbox_unavailable=True)
+        self.metrics.external_answered("ok" if result.success else "failed")
+        return result
 
     # ---- release and expiry
 
@@ -515,16 +602,62 @@ class Executor:
 
     async def open_trajectory(self, trajectory_id: str, options: LeaseOptions) -> TrajectoryInfo:
         """``POST /trajectories``: the trajectory's lease, taken now if it has none."""
+        self.known_template(options.template)
         trajectory = self.trajectory(trajectory_id, options)
         async with trajectory.lock:
             ended = self.ended.get(trajectory_id)
             if ended is not None:
                 raise WorkspaceGone(ended.message)
             if trajectory.lease is None:
-                lease = await self._take_lease(trajectory)
+                lease = await self.take_lease(trajectory, options.template)
                 await self._record_owner(trajectory, lease)
+            else:
+                self.check_template(trajectory, options.template)
             trajectory.last_used = time.monotonic()
         return trajectory.describe()
+
+    @contextlib.asynccontextmanager
+    async def leased(
+        self, trajectory_id: str, options: LeaseOptions | None = None
+    ) -> AsyncIterator[Lease]:
+        """The trajectory's lease, in order with its calls (its lock held meanwhile). With
+        ``options`` the lease is taken when it holds none, as ``POST /trajectories`` does;
+        without, ``UnknownTrajectory`` (404). ``WorkspaceGone`` (409) when its lease ended."""
+        while True:
+            if options is not None:
+                self.known_template(options.template)
+                trajectory = self.trajectory(trajectory_id, options)
+            elif (known := self.trajectories.get(trajectory_id)) is not None:
+                trajectory = known
+            else:
+                raise self._no_lease(trajectory_id)
+            async with trajectory.lock:
+                if self.trajectories.get(trajectory_id) is not trajectory:
+                    continue  # released while this waited: as it is now
+                if trajectory.lease is None:
+                    if options is None or trajectory_id in self.ended:
+                        raise self._no_lease(trajectory_id)
+                    lease = await self.take_lease(trajectory, options.template)
+                    await self._record_owner(trajectory, lease)
+                else:
+                    lease = trajectory.lease
+                    if options is not None:
+                        self.check_template(trajectory, options.template)
+                if lease.lost:
+                    self._lose(trajectory, "its sandbox stopped")
+                    raise self._no_lease(trajectory_id)
+                trajectory.last_used = time.monotonic()
+                try:
+                    yield lease
+                finally:
+                    trajectory.last_used = time.monotonic()
+                return
+
+    def _no_lease(self, trajectory_id: str) -> RequestRefused:
+        ended = self.ended.get(trajectory_id)
+        if ended is not None:
+            return WorkspaceGone(ended.message)
+        return UnknownTrajectory(f"unknown trajectory {trajectory_id!r}: it holds no lease")
 
     async def _record_owner(self, trajectory: Trajectory, lease: Lease) -> None:
         """Record the lease in its slot now (else it goes with the trajectory's first call)."""
@@ -649,6 +782,19 @@ class Executor:
             trajectories=[t.describe() for t in page],
         )
 
+    def metrics_state(self) -> PoolState:
+        """What the gauges of a scrape show (``metrics.StateCollector``)."""
+        pool = self.pool
+        return PoolState(
+            calls_in_service=self.in_service,
+            trajectories=len(self.trajectories),
+            leases=sum(len(s.leased) for s in pool.sandboxes.values()),
+            waiting=pool.waiting(),
+            slots=pool.slots_by_state(),
+            sandboxes=pool.sandboxes_by_state(),
+            wanted=pool.sandboxes_wanted(),
+        )
+
     def status(self) -> StatusResponse:
         return StatusResponse(
             queue_size=self.in_service,
@@ -661,4 +807,6 @@ class Executor:
             max_queue=self.settings.max_queue,
             external_tools=self.external.describe(),
             replays=self.replays.describe(),
+            errors=self.recent_errors.describe(),
+            workspaces=self.shipping.describe() if self.shipping is not None else None,
         )

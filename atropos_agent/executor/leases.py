@@ -26,6 +26,8 @@ class PoolSandbox:
     instance_id: str = ""
     # What the sandbox can do (sandbox/protocol.py: CANCEL_AND_OWNER_VERSION, STREAM_VERSION).
     protocol_version: int = 0
+    # How it builds workspaces of layers: "overlay" (copy-on-write), "copy"; None: it cannot.
+    workspace_layers: str | None = None
     lost: bool = False
     draining: bool = False
     failed_checks: int = 0
@@ -66,6 +68,7 @@ class PoolSandbox:
             "leased_slots": len(self.leased),
             "resetting_slots": len(self.resetting),
             "draining": self.draining,
+            "workspace_layers": self.workspace_layers,
             **self.batcher.describe(),
         }
 
@@ -76,7 +79,20 @@ class Lease:
     sandbox: PoolSandbox
     slot_id: str
     acquired_at: float = field(default_factory=time.time)
+    # What the workspace started from (none of these: empty): the template it was made of,
+    # or the trajectory it was forked from; and its layers in the sandbox, newest first.
+    template: str | None = None
+    forked_from: str | None = None
+    layers: tuple[str, ...] = ()
 
     @property
     def lost(self) -> bool:
         return self.sandbox.lost
+
+    def origin(self) -> str:
+        """What the workspace started from, as an error message says it."""
+        if self.template is not None:
+            return f"from template {self.template!r}"
+        if self.forked_from is not None:
+            return f"forked from trajectory {self.forked_from!r}"
+        return "that started empty"

@@ -35,8 +35,9 @@ from atropos_agent.errors import (
 from atropos_agent.executor.backends.base import Backend, SandboxInfo
 from atropos_agent.executor.batcher import Batcher
 from atropos_agent.executor.leases import Lease, PoolSandbox
+from atropos_agent.executor.metrics import ExecutorMetrics
 from atropos_agent.executor.sandbox_client import SandboxClient
-from atropos_agent.executor.scaling import wanted_sandboxes
+from atropos_agent.executor.scaling import sandboxes_wanted, wanted_sandboxes
 from atropos_agent.executor.settings import PoolSettings
 from atropos_agent.executor.transport import AiohttpTransport, Transport
 from atropos_agent.sandbox.protocol import SlotLease
@@ -55,11 +56,18 @@ class Waiter:
 
 class Pool:
     def __init__(
-        self, settings: PoolSettings, backend: Backend, transport: Transport | None = None
+        self,
+        settings: PoolSettings,
+        backend: Backend,
+        transport: Transport | None = None,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.transport = transport or AiohttpTransport()
+        self.metrics = metrics or ExecutorMetrics()
+        # Ids of the sandboxes the backend listed last (admitted or not).
+        self.listed: set[str] = set()
         self.sandboxes: dict[str, PoolSandbox] = {}
         # (sandbox id, instance id) of sandboxes taken out: never admitted again.
         self.retired: set[tuple[str, str]] = set()
@@ -108,18 +116,27 @@ class Pool:
 
     # ---- leases
 
-    async def acquire(self, trajectory_id: str, timeout_s: float) -> Lease:
+    async def acquire(
+        self, trajectory_id: str, timeout_s: float, prefer: PoolSandbox | None = None
+    ) -> Lease:
         """A slot for the trajectory, waiting (and scaling up) at most ``timeout_s``;
-        ``NoFreeSlot`` after that."""
-        lease = self._take(trajectory_id)
+        ``NoFreeSlot`` after that. A free slot of ``prefer`` first (a fork lands beside its
+        source, which holds its files), else the usual order."""
+        lease = self._take_from(prefer, trajectory_id) if prefer is not None else None
+        lease = lease or self._take(trajectory_id)
         if lease is not None:
+            self.metrics.slot_waited(0.0)
             return lease
         waiter = Waiter(trajectory_id, asyncio.get_running_loop().create_future())
         self.waiters.append(waiter)
         self.wake.set()  # the monitor scales up at once, not at its next tick
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
+            lease = await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
+            self.metrics.slot_waited(time.monotonic() - started)
+            return lease
         except TimeoutError:
+            self.metrics.slot_waited(time.monotonic() - started)
             if waiter.future.done() and not waiter.future.cancelled():
                 # Granted at the last moment: hand the slot back rather than leak it.
                 self.release(waiter.future.result(), reset=False)
@@ -130,10 +147,16 @@ class Pool:
 
     def _take(self, trajectory_id: str) -> Lease | None:
         for sandbox in sorted(self.sandboxes.values(), key=lambda s: s.info.index):
-            if sandbox.free and not sandbox.lost and not sandbox.draining:
-                slot_id = sandbox.free.pop(0)
-                sandbox.leased[slot_id] = trajectory_id
-                return Lease(trajectory_id, sandbox, slot_id)
+            lease = self._take_from(sandbox, trajectory_id)
+            if lease is not None:
+                return lease
+        return None
+
+    def _take_from(self, sandbox: PoolSandbox, trajectory_id: str) -> Lease | None:
+        if sandbox.free and not sandbox.lost and not sandbox.draining:
+            slot_id = sandbox.free.pop(0)
+            sandbox.leased[slot_id] = trajectory_id
+            return Lease(trajectory_id, sandbox, slot_id)
         return None
 
     def _grant_waiters(self) -> None:
@@ -190,6 +213,12 @@ class Pool:
 
     def _no_slot_message(self, timeout_s: float) -> str:
         slots = sum(len(s.slot_ids) for s in self.sandboxes.values() if not s.lost)
+        if self.settings.scaling == "external":
+            return (
+                f"no free slot within {timeout_s:g}s: {len(self.sandboxes)} sandboxes, {slots} "
+                "slots, all leased; the pool is scaled from outside (TOOL_EXECUTOR_SCALING="
+                "external): release finished trajectories, or see to the autoscaler"
+            )
         return (
             f"no free slot within {timeout_s:g}s: {len(self.sandboxes)} sandboxes "
             f"(max {self.settings.max_sandboxes}), {slots} slots, all leased; release "
@@ -207,6 +236,7 @@ class Pool:
             return
         self.backend_error = None
         listed = {info.sandbox_id: info for info in infos}
+        self.listed = set(listed)
         for sandbox_id in list(self.sandboxes):
             if sandbox_id not in listed:
                 self.retire(self.sandboxes[sandbox_id], "it is no longer running")
@@ -235,7 +265,12 @@ class Pool:
             return
         if (info.sandbox_id, health.instance_id) in self.retired:
             return
-        batcher = Batcher(client, self.settings.batch_window_s, self.settings.max_batch_size)
+        batcher = Batcher(
+            client,
+            self.settings.batch_window_s,
+            self.settings.max_batch_size,
+            on_batch=self.metrics.batch_sent,
+        )
         # A sandbox this executor did not start (a restarted executor taking over a running
         # Nomad job) may hold workspaces of earlier trajectories: a slot whose owner the
         # executor adopts stays that trajectory's; every other used slot is reset before use.
@@ -251,6 +286,7 @@ class Pool:
             resetting=set(used),
             instance_id=health.instance_id,
             protocol_version=health.protocol_version,
+            workspace_layers=health.workspace_layers,
         )
         self.sandboxes[info.sandbox_id] = sandbox
         for slot_id, owner in owned.items():
@@ -271,8 +307,9 @@ class Pool:
             len(sandbox.leased),
         )
 
-    def retire(self, sandbox: PoolSandbox, reason: str) -> None:
-        """Take a sandbox out for good: its leases are lost, its id never comes back."""
+    def retire(self, sandbox: PoolSandbox, reason: str, cause: str = "gone") -> None:
+        """Take a sandbox out for good: its leases are lost, its id never comes back.
+        ``cause`` is the metric's label (``metrics.RETIREMENT_CAUSES``)."""
         if sandbox.lost:
             return
         sandbox.lost = True
@@ -282,6 +319,7 @@ class Pool:
         expected = sandbox.draining and not sandbox.leased  # a shrink we asked for
         if not expected:
             self.lost_sandboxes += 1
+        self.metrics.sandbox_retired("scaled_down" if expected else cause)
         log.log(
             logging.INFO if expected else logging.WARNING,
             "event=sandbox_retired sandbox=%s leases=%d reason=%r",
@@ -301,11 +339,12 @@ class Pool:
             instance_id, healthy = "", False
         if healthy and instance_id != sandbox.instance_id:
             # Nomad restarts a task inside its allocation: same address, new sandbox.
-            self.retire(sandbox, "it restarted")
+            self.retire(sandbox, "it restarted", "restarted")
             return False
         sandbox.failed_checks = 0 if healthy else sandbox.failed_checks + 1
         if sandbox.failed_checks >= failures_to_retire:
-            self.retire(sandbox, f"{sandbox.failed_checks} health checks failed")
+            self.retire(sandbox, f"{sandbox.failed_checks} health checks failed", "unhealthy")
+            self.metrics.sandbox_replaced()
             with contextlib.suppress(BackendError):
                 await self.backend.replace(sandbox.sandbox_id)
         return healthy
@@ -321,8 +360,15 @@ class Pool:
 
     def desired_count(self) -> int | None:
         """How many sandboxes the pool wants now, or None to leave the count alone."""
-        waiting = sum(1 for w in self.waiters if not w.future.done())
-        return wanted_sandboxes(self.by_index(), waiting, self.settings, time.monotonic())
+        return wanted_sandboxes(self.by_index(), self.waiting(), self.settings, time.monotonic())
+
+    def waiting(self) -> int:
+        """Calls waiting for a slot."""
+        return sum(1 for w in self.waiters if not w.future.done())
+
+    def sandboxes_wanted(self) -> int:
+        """The count the pool wants now, as one number (the gauge outside autoscalers follow)."""
+        return sandboxes_wanted(self.by_index(), self.waiting(), self.settings, time.monotonic())
 
     async def _scale(self, count: int) -> None:
         live = self.by_index()
@@ -333,13 +379,16 @@ class Pool:
                 if sandbox.idle:
                     sandbox.draining = True
                     idle.add(sandbox.sandbox_id)
+        direction = "up" if count > len(live) else "down"
         try:
             await self.backend.scale(count, idle)
             self.backend_error = None
         except BackendError as exc:
             self.backend_error = exc.message
             log.error("event=scale_failed count=%d error=%s", count, exc)
+            self.metrics.scale_requested(direction, ok=False)
             return
+        self.metrics.scale_requested(direction, ok=True)
         await self.sync()
         # A backend may answer before the new sandboxes run (Nomad places them afterwards):
         # look for them often while callers wait, rather than at the next monitor tick.
@@ -357,7 +406,8 @@ class Pool:
             try:
                 await self.check_health()
                 await self.sync()
-                wanted = self.desired_count()
+                # With "external" scaling an autoscaler sets the count: the pool never asks.
+                wanted = self.desired_count() if self.settings.scaling == "executor" else None
                 if wanted is not None and (self.scaling is None or self.scaling.done()):
                     self.scaling = self.own(self._scale(wanted), "pool-scale")
             except Exception:  # the monitor must outlive any one bad round
@@ -378,12 +428,33 @@ class Pool:
             return False, f"backend unavailable ({self.backend_error}); {len(live)} sandboxes serve"
         return True, "ok"
 
-    def describe(self) -> dict[str, Any]:
-        live = self.by_index()
+    def slots_by_state(self) -> dict[str, int]:
+        """Slots of the live sandboxes by the old service's states (``PoolSandbox.slot_states``)."""
         states = {"available": 0, "acquired": 0, "executing": 0, "releasing": 0, "error": 0}
-        for sandbox in live:
+        for sandbox in self.sandboxes.values():
             for state, count in sandbox.slot_states().items():
                 states[state] += count
+        return states
+
+    def sandboxes_by_state(self) -> dict[str, int]:
+        """``ready`` to lease, ``draining`` (to be stopped by a shrink), ``not_ready`` (listed
+        by the backend, not answering yet), ``refused`` (a protocol this executor cannot drive)."""
+        draining = sum(1 for s in self.sandboxes.values() if s.draining)
+        return {
+            "ready": len(self.sandboxes) - draining,
+            "draining": draining,
+            "not_ready": len(self.listed - self.sandboxes.keys() - self.refused.keys()),
+            "refused": len(self.refused),
+        }
+
+    def workspace_layers(self) -> str | None:
+        """How the pool's sandboxes build workspaces of layers: their one mode, or "mixed"."""
+        modes = {s.workspace_layers for s in self.sandboxes.values() if s.workspace_layers}
+        return modes.pop() if len(modes) == 1 else "mixed" if modes else None
+
+    def describe(self) -> dict[str, Any]:
+        live = self.by_index()
+        states = self.slots_by_state()
         total = sum(len(s.slot_ids) for s in live)
         return {
             "backend": self.backend.describe(),
@@ -404,5 +475,6 @@ class Pool:
             "lost_sandboxes": self.lost_sandboxes,
             "backend_error": self.backend_error,
             "refused_sandboxes": self.refused,
+            "workspace_layers": self.workspace_layers(),
             "per_sandbox": [s.describe() for s in live],
         }

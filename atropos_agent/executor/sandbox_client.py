@@ -1,11 +1,14 @@
 """``SandboxClient``: the one object that speaks to a sandbox server.
 
 Every request the executor makes to a sandbox goes through here: health, slots (and their
-owners), reset, cancel, batch streams, artifacts, and the wait for a starting sandbox. It owns
-the sandbox's address and token, checks the protocol version when a sandbox is admitted, and
-turns every way a sandbox can fail to answer into ``SandboxUnavailable`` (or
-``ProtocolMismatch``) naming the sandbox. Payloads are the typed models of
-``sandbox/protocol.py``, which the sandbox server imports too.
+owners), reset, cancel, batch streams, artifacts, workspaces (layers in and out, slots started
+on them, uploads, forks, exports, diffs: archives streamed, never held whole), and the wait
+for a starting sandbox. It owns the sandbox's address and token, checks the protocol version
+when a sandbox is admitted, and turns every way a sandbox can fail to answer into
+``SandboxUnavailable`` (or ``ProtocolMismatch``) naming the sandbox; a workspace route's
+refusals become what they mean to the caller (``ArchiveRefused``, ``TooLarge``,
+``MissingLayers``). Payloads are the typed models of ``sandbox/protocol.py``, which the
+sandbox server imports too.
 """
 
 from __future__ import annotations
@@ -14,17 +17,27 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from atropos_agent.errors import ProtocolMismatch, SandboxUnavailable
-from atropos_agent.executor.transport import Request, Response, Transport
+from atropos_agent.errors import (
+    ArchiveRefused,
+    AtroposError,
+    MissingLayers,
+    ProtocolMismatch,
+    SandboxUnavailable,
+    TooLarge,
+)
+from atropos_agent.executor.transport import Body, Request, Response, Transport
 from atropos_agent.models import (
     ArtifactArchiveResponse,
     ArtifactListResponse,
     ArtifactReadResponse,
+    DiffResponse,
+    UploadResponse,
 )
 from atropos_agent.sandbox.protocol import (
     MIN_PROTOCOL_VERSION,
@@ -32,17 +45,23 @@ from atropos_agent.sandbox.protocol import (
     BatchItem,
     BatchResult,
     CancelResponse,
+    ForkAnswer,
+    LayerDropped,
+    LayersResponse,
+    LayerStored,
     OutputEvent,
     ResetResponse,
     SandboxHealth,
     SlotArtifactArchiveRequest,
     SlotArtifactListRequest,
     SlotArtifactReadRequest,
+    SlotForkRequest,
     SlotLease,
     SlotOwnerRequest,
     SlotRequest,
     SlotsResponse,
     SlotState,
+    SlotWorkspaceRequest,
     StreamedResult,
 )
 from atropos_agent.web import without_lone_surrogates
@@ -52,11 +71,15 @@ RESET_TIMEOUT_S = 60.0
 # The sandbox waits up to 5 s (slot.CANCEL_WAIT_S) for the cancelled call's answer.
 CANCEL_TIMEOUT_S = 15.0
 ARTIFACT_TIMEOUT_S = 120.0
+# Archives in and out (uploads, layers, exports, diffs): the longest pause between two reads.
+ARCHIVE_TIMEOUT_S = 600.0
+GZIP = "application/gzip"
 # Time a sandbox gets beyond the longest timeout in a batch before the executor gives up.
 BATCH_GRACE_S = 30.0
 HEALTH_POLL_S = 0.05
 
 M = TypeVar("M", bound=BaseModel)
+
 BATCH = TypeAdapter(list[BatchItem])
 
 
@@ -180,6 +203,105 @@ class SandboxClient:
     ) -> ArtifactArchiveResponse:
         return await self._post("/artifacts/archive", request, ArtifactArchiveResponse)
 
+    # ---- workspaces (protocol 5): layers, slots started on them, uploads, forks, diffs
+
+    async def start_workspace(self, slot_id: str, layers: list[str]) -> SlotState:
+        """Restart the slot on a workspace made of ``layers`` (newest first), wiping what it
+        held; ``MissingLayers`` naming those the sandbox lacks."""
+        body = SlotWorkspaceRequest(layers=layers).model_dump_json().encode()
+        path = f"/slots/{quote(slot_id)}/workspace"
+        return await self._workspace_call("POST", path, body, SlotState, RESET_TIMEOUT_S)
+
+    async def put_layer(self, layer_id: str, body: Body) -> LayerStored:
+        """Store a layer's archive (a template's sha256 is checked against its id)."""
+        path = f"/layers/{quote(layer_id)}"
+        return await self._workspace_call("PUT", path, body, LayerStored, ARCHIVE_TIMEOUT_S, GZIP)
+
+    async def layers(self) -> LayersResponse:
+        """The sandbox's layer store: its layers, its budget, its workspace mode."""
+        return await self._workspace_call("GET", "/layers", None, LayersResponse, HEALTH_TIMEOUT_S)
+
+    @contextlib.asynccontextmanager
+    async def layer_archive(self, layer_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The archive of a layer the sandbox holds, as it arrives."""
+        async with self._download(f"/layers/{quote(layer_id)}") as chunks:
+            yield chunks
+
+    async def delete_layer(self, layer_id: str) -> None:
+        """Drop a layer (kept until no slot uses it)."""
+        await self._workspace_call(
+            "DELETE", f"/layers/{quote(layer_id)}", None, LayerDropped, HEALTH_TIMEOUT_S
+        )
+
+    async def fork_slot(self, slot_id: str, targets: list[str]) -> list[str]:
+        """Snapshot the slot's files once and start ``targets`` (slots of this sandbox) on
+        them; the fork's layers, newest first, for slots elsewhere."""
+        body = SlotForkRequest(targets=targets).model_dump_json().encode()
+        path = f"/slots/{quote(slot_id)}/fork"
+        answer = await self._workspace_call("POST", path, body, ForkAnswer, ARCHIVE_TIMEOUT_S)
+        return answer.layers
+
+    @contextlib.asynccontextmanager
+    async def export_slot(self, slot_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A tar.gz of the slot's whole workspace, as it arrives."""
+        async with self._download(f"/slots/{quote(slot_id)}/export") as chunks:
+            yield chunks
+
+    async def upload_archive(
+        self, slot_id: str, path: str, format: str, body: Body
+    ) -> UploadResponse:
+        """Extract ``body`` (a tar.gz, or one file) into the slot's workspace at ``path``.
+        ``TooLarge`` over a cap; a refused archive is ``success: false``."""
+        where = f"/slots/{quote(slot_id)}/archive?" + urlencode({"path": path, "format": format})
+        return await self._workspace_call(
+            "PUT", where, body, UploadResponse, ARCHIVE_TIMEOUT_S, GZIP
+        )
+
+    async def diff_slot(self, slot_id: str) -> DiffResponse:
+        """What changed in the slot's workspace since its layers."""
+        path = f"/slots/{quote(slot_id)}/diff"
+        return await self._workspace_call("GET", path, None, DiffResponse, ARCHIVE_TIMEOUT_S)
+
+    async def _workspace_call(
+        self,
+        method: str,
+        path: str,
+        body: Body,
+        answer: type[M],
+        timeout_s: float,
+        content_type: str | None = None,
+    ) -> M:
+        headers = self.headers
+        if content_type is not None:
+            headers = {**headers, "Content-Type": content_type}
+        request = Request.with_body(method, self.url + path, body, headers, timeout_s)
+        async with self.transport.send(request) as response:
+            data = await response.read()
+        if response.status != 200:
+            raise self._refusal(response.status, data, path)
+        return self._parse(answer, data, f"answered {path} with an unexpected body")
+
+    @contextlib.asynccontextmanager
+    async def _download(self, path: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        request = self._request("GET", path, None, ARCHIVE_TIMEOUT_S)
+        async with self.transport.send(request) as response:
+            if response.status != 200:
+                raise self._refusal(response.status, await response.read(), path)
+            yield response.chunks()
+
+    def _refusal(self, status: int, body: bytes, path: str) -> AtroposError:
+        """What a workspace route's error answer means for the caller."""
+        text = error_text(body)
+        if status == 413:
+            return TooLarge(text)
+        if status == 400:
+            return ArchiveRefused(text)
+        if status == 409:
+            missing = missing_layers(body)
+            if missing:
+                return MissingLayers(f"sandbox at {self.url} lacks layers {missing}", missing)
+        return SandboxUnavailable(f"sandbox at {self.url} answered {status} to {path}: {text}")
+
     # ---- plumbing
 
     async def _ndjson(self, request: Request) -> AsyncGenerator[bytes]:
@@ -248,6 +370,16 @@ def error_text(body: bytes) -> str:
     except (ValueError, RecursionError):
         pass
     return body.decode(errors="replace")[:300]
+
+
+def missing_layers(body: bytes) -> list[str]:
+    """The ``missing`` of a 409 answer to a slot's workspace request (else empty)."""
+    try:
+        decoded = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    missing = decoded.get("missing") if isinstance(decoded, dict) else None
+    return [str(layer) for layer in missing] if isinstance(missing, list) else []
 
 
 def short(exc: ValidationError) -> str:

@@ -132,6 +132,26 @@ class ExecutorSettings(BaseSettings):
     nomad_restart_delay_s: float = Field(default=5.0, ge=0)
     nomad_service_name: str = "atropos-sandbox"
 
+    # Prometheus metrics (docs/operations.md, "Metrics"): GET /metrics on the service's port
+    # asks for the token; metrics_port also serves them without auth, on metrics_host.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Who sets the sandbox count: the executor, or an outside autoscaler following the gauge
+    # atropos_executor_sandboxes_wanted (nomad/autoscaler-policy.hcl); "external" never scales.
+    scaling: Literal["executor", "external"] = "executor"
+    # Free slots the pool keeps ready beyond its leases and the calls waiting for one.
+    headroom_slots: int = Field(default=0, ge=0)
+
+    # Workspaces (docs/executor.md, "Preparing once, running many"): the largest archive an
+    # upload or a template may be, and its most entries; every sandbox gets the same caps.
+    upload_max_mb: int = Field(default=1024, ge=1)
+    upload_max_entries: int = Field(default=200_000, ge=1)
+    # Each sandbox's store of template and fork layers: unused ones beyond it are evicted.
+    sandbox_layer_cache_mb: int = Field(default=8192, ge=1)
+    # Copy-on-write workspaces: "auto" (overlayfs where the kernel allows, else a real copy),
+    # "overlay" (a sandbox refuses to start without it), "copy".
+    sandbox_workspace_layers: Literal["auto", "overlay", "copy"] = "auto"
+
     @model_validator(mode="after")
     def check_shutdown_bounds(self) -> ExecutorSettings:
         if self.shutdown_grace_s >= self.shutdown_timeout_s:
@@ -161,6 +181,8 @@ class ExecutorSettings(BaseSettings):
             start_timeout_s=self.sandbox_start_timeout_s,
             batch_window_s=self.batch_window_ms / 1000,
             max_batch_size=self.max_batch_size,
+            headroom_slots=self.headroom_slots,
+            scaling=self.scaling,
         )
 
     def connections(self) -> ConnectionBounds:
@@ -200,6 +222,13 @@ class ExecutorSettings(BaseSettings):
         else:
             identity = f"local-{self.port}" if self.port else None
         return JournalSettings(state_dir=self.state_dir, identity=identity)
+
+    def workspaces(self) -> WorkspaceSettings:
+        return WorkspaceSettings(
+            journal=self.journal(),
+            upload_max_bytes=self.upload_max_mb * 1024 * 1024,
+            upload_max_entries=self.upload_max_entries,
+        )
 
     def nomad(self) -> NomadSettings:
         return NomadSettings(
@@ -248,6 +277,10 @@ class ExecutorSettings(BaseSettings):
             "ATROPOS_SANDBOX_SLOT_UID_BASE": str(self.sandbox_slot_uid_base),
             "ATROPOS_SANDBOX_TERMINAL_OUTPUT": self.terminal_output,
             "ATROPOS_SANDBOX_JOB_TIMEOUT_S": f"{self.sandbox_job_timeout_s:g}",
+            "ATROPOS_SANDBOX_UPLOAD_MAX_MB": str(self.upload_max_mb),
+            "ATROPOS_SANDBOX_UPLOAD_MAX_ENTRIES": str(self.upload_max_entries),
+            "ATROPOS_SANDBOX_LAYER_CACHE_MB": str(self.sandbox_layer_cache_mb),
+            "ATROPOS_SANDBOX_WORKSPACE_LAYERS": self.sandbox_workspace_layers,
         }
 
 
@@ -265,6 +298,10 @@ class PoolSettings:
     start_timeout_s: float
     batch_window_s: float
     max_batch_size: int
+    # Free slots kept ready beyond leases and waiting calls (scaling.py).
+    headroom_slots: int = 0
+    # "external": the count is set from outside (an autoscaler); the pool never asks for one.
+    scaling: Literal["executor", "external"] = "executor"
 
 
 @dataclass(frozen=True)
@@ -303,6 +340,16 @@ class JournalSettings:
     # None: on a port picked at random the executor is never the same service again, so its
     # journal stays in memory.
     identity: str | None
+
+
+@dataclass(frozen=True)
+class WorkspaceSettings:
+    """Templates (kept beside the lease journal, by the same identity) and the caps on
+    archives a trainer sends."""
+
+    journal: JournalSettings
+    upload_max_bytes: int
+    upload_max_entries: int
 
 
 @dataclass(frozen=True)

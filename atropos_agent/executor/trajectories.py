@@ -1,5 +1,6 @@
 """A trajectory as the executor holds it: its lease, its calls, its group and lifetime; how
-a lease that ended without a release is remembered; and the latency window of /status."""
+a lease that ended without a release is remembered; and the latency and recent-errors windows
+of /status."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from atropos_agent.executor.leases import Lease
-from atropos_agent.models import ToolResult, TrajectoryInfo
+from atropos_agent.models import ToolCall, ToolResult, TrajectoryInfo
 from atropos_agent.sandbox.protocol import SlotLease
 
 
@@ -68,6 +69,8 @@ class Trajectory:
             in_flight=self.in_flight,
             group=self.group,
             expires_in_s=expires_in,
+            template=lease.template if lease else None,
+            forked_from=lease.forked_from if lease else None,
         )
 
 
@@ -89,3 +92,32 @@ class LatencyWindow:
             return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000, 3)
 
         return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "samples": len(ordered)}
+
+
+class RecentErrors:
+    """The latest N failed calls and the count of failures by ``error_kind`` since start, for
+    /status: what an operator looks at first when errors rise."""
+
+    # Enough of an error to recognise it; the full text went to the trainer.
+    MAX_ERROR_CHARS = 200
+
+    def __init__(self, size: int = 20) -> None:
+        self.latest: deque[dict[str, object]] = deque(maxlen=size)
+        # Bounded: error kinds are a closed set (error_kinds.ErrorKind).
+        self.by_kind: dict[str, int] = {}
+
+    def add(self, trajectory_id: str, tool: ToolCall, result: ToolResult) -> None:
+        kind = str(result.metadata.get("error_kind", "tool_failed"))
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        self.latest.append(
+            {
+                "at": round(time.time(), 3),
+                "trajectory_id": trajectory_id,
+                "tool": tool.name,
+                "error_kind": kind,
+                "error": result.error[: self.MAX_ERROR_CHARS],
+            }
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {"by_kind": dict(self.by_kind), "latest": list(self.latest)}

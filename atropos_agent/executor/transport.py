@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -24,6 +24,12 @@ CONNECT_TIMEOUT_S = 10.0
 # Idle connections to sandboxes are closed before the sandbox server's own 60 s keep-alive
 # runs out, so the executor never reuses a connection the server is closing.
 KEEPALIVE_S = 30.0
+# Pieces of a body streamed through (archives): large enough to keep the copy cheap.
+CHUNK_BYTES = 1024 * 1024
+
+
+# A request body: bytes, or chunks sent as they come (an archive streamed through).
+Body = bytes | AsyncIterable[bytes] | None
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,21 @@ class Request:
     headers: Mapping[str, str] = field(default_factory=dict)
     # Longest wait for the next bytes of the answer (a batch waits for its slowest command).
     read_timeout_s: float = 30.0
+    # A body sent chunk by chunk as it comes, instead of ``body`` (archives).
+    stream: AsyncIterable[bytes] | None = None
+
+    @classmethod
+    def with_body(
+        cls,
+        method: str,
+        url: str,
+        body: Body,
+        headers: Mapping[str, str],
+        read_timeout_s: float,
+    ) -> Request:
+        if body is None or isinstance(body, bytes):
+            return cls(method, url, body, headers, read_timeout_s)
+        return cls(method, url, None, headers, read_timeout_s, stream=body)
 
 
 class Response(abc.ABC):
@@ -48,6 +69,10 @@ class Response(abc.ABC):
     @abc.abstractmethod
     def lines(self) -> AsyncIterator[bytes]:
         """The body line by line, each as soon as it arrived (NDJSON streams)."""
+
+    @abc.abstractmethod
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body in chunks as they arrive (an archive streamed on, never held whole)."""
 
 
 class Transport(abc.ABC):
@@ -82,6 +107,13 @@ class AiohttpResponse(Response):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise unreachable(self.url, exc) from exc
 
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.response.content.iter_chunked(CHUNK_BYTES):
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise unreachable(self.url, exc) from exc
+
 
 class AiohttpTransport(Transport):
     """One connection pool for every sandbox of the pool, made on first use (it needs the
@@ -105,7 +137,7 @@ class AiohttpTransport(Transport):
             context = self._session().request(
                 request.method,
                 request.url,
-                data=request.body,
+                data=request.body if request.stream is None else request.stream,
                 headers=dict(request.headers),
                 timeout=timeout,
             )
@@ -148,6 +180,13 @@ class MockResponse(Response):
             return
         async for line in self.stream:
             yield line
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.stream is None:
+            yield self.body
+            return
+        async for chunk in self.stream:
+            yield chunk
 
 
 Handler = Callable[[Request], Awaitable[MockResponse]]

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from atropos_agent import serving
 from atropos_agent.errors import IsolationUnavailable, SandboxStartError
+from atropos_agent.sandbox import mounts
 from atropos_agent.sandbox.app import create_app
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.web import describe_settings_error
@@ -41,7 +42,16 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-file-bytes", "max_file_bytes", int, "largest file read or write (default 5 MiB)"),
     ("--disk-mb", "disk_mb", int, "workspace + /tmp bound per slot (default 1024)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest request body (default 32 MiB)"),
+    ("--upload-max-mb", "upload_max_mb", int, "largest upload, body and extracted (default 1024)"),
+    ("--upload-max-entries", "upload_max_entries", int, "most entries of an upload (200000)"),
     ("--slot-uid-base", "slot_uid_base", int, "first host uid for slots when run as root"),
+    (
+        "--workspace-layers",
+        "workspace_layers",
+        str,
+        "auto (default), overlay (copy-on-write, or refuse to start) or copy",
+    ),
+    ("--layer-cache-mb", "layer_cache_mb", int, "disk for workspace layers (default 8192)"),
     ("--job-timeout", "job_timeout_s", float, "background job timeout, default and most (300)"),
     (
         "--terminal-output",
@@ -101,6 +111,9 @@ def exit_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # First, while this process has one thread: a mount namespace of its own, so that the
+    # workspaces it mounts never show on the host and die with it (``mounts.py``).
+    mounts.enter_private_namespace()
     overrides, log_level = parse_args(argv)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:

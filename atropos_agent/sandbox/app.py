@@ -18,11 +18,12 @@ time and encode them twice.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 
@@ -31,7 +32,11 @@ from atropos_agent.models import (
     ArtifactArchiveResponse,
     ArtifactListResponse,
     ArtifactReadResponse,
+    Identifier,
+    PathText,
+    UploadResponse,
 )
+from atropos_agent.sandbox import workspace_routes
 from atropos_agent.sandbox.agent.framing import (
     OP_ARTIFACT_ARCHIVE,
     OP_ARTIFACT_LIST,
@@ -51,14 +56,17 @@ from atropos_agent.sandbox.protocol import (
     SlotsResponse,
     SlotState,
     StreamedResult,
+    UploadFormat,
 )
 from atropos_agent.sandbox.server import RESULT, RESULTS, Admitted, Sandbox
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.web import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
+    BodyRule,
     SafeJSONResponse,
     install_error_handlers,
+    metrics_response,
 )
 
 NDJSON = "application/x-ndjson"
@@ -129,6 +137,14 @@ BATCH_BODY = body_schema({"type": "array", "items": ITEM_SCHEMA})
 async def health(request: Request) -> SandboxHealth:
     """Counts and modes only: open without a token, for orchestrators' checks."""
     return sandbox_of(request).health()
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: calls, limits hit, slot states (``metrics.py``). Async: a scrape
+    reads the slots in the event loop, where they change."""
+    registry = sandbox_of(request).metrics.registry
+    return metrics_response(registry, request.headers.get("accept"))
 
 
 @router.get("/slots", response_model=SlotsResponse)
@@ -234,6 +250,39 @@ async def artifacts_archive(
     return ArtifactArchiveResponse.model_validate(answer)
 
 
+# The body of PUT /slots/{slot_id}/archive: bytes, read as they arrive (uploads.py).
+RAW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ARCHIVE_ROUTE = re.compile(r"/slots/[^/]+/archive")
+
+
+@router.put(
+    "/slots/{slot_id}/archive",
+    response_model=UploadResponse,
+    responses={413: {"model": UploadResponse, "description": "over the size or entry cap"}},
+    openapi_extra=RAW_BODY,
+)
+async def slot_archive(
+    slot_id: Identifier,
+    request: Request,
+    path: Annotated[PathText, Query()] = ".",
+    archive_format: Annotated[UploadFormat, Query(alias="format")] = "tar.gz",
+) -> Response:
+    """Protocol 5: the raw body (a tar.gz, or one file) extracted into the slot's workspace at
+    ``path`` by the slot's agent, checked first, all or nothing (docs/sandbox.md, "Uploads")."""
+    answer, over_cap = await sandbox_of(request).upload(
+        slot_id, request.stream(), path, archive_format
+    )
+    return SafeJSONResponse(answer.model_dump(), status_code=413 if over_cap else 200)
+
+
 def create_app(settings: SandboxSettings | None = None) -> FastAPI:
     """The sandbox server for ``settings``; its slots start with the app (lifespan)."""
     settings = settings or SandboxSettings()
@@ -256,7 +305,12 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
     app.state.sandbox = sandbox
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(workspace_routes.router)
     token = settings.token.get_secret_value() if settings.token else None
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    upload = BodyRule("PUT", ARCHIVE_ROUTE, settings.upload_max_bytes, raw=True)
+    layer = BodyRule("PUT", workspace_routes.LAYER_ROUTE, settings.upload_max_bytes, raw=True)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, rules=[upload, layer]
+    )
     app.add_middleware(BearerAuthMiddleware, token=token, open_paths={"/health"})
     return app

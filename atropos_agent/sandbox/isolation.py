@@ -20,6 +20,9 @@ from atropos_agent.sandbox.settings import SandboxSettings
 
 # Where a slot sees the agent's runtime directory (``runtime.py``), read-only.
 RUNTIME_IN_SLOT = "/run/atropos"
+# Where a slot on an overlay workspace sees the overlay's upper directory (its own changes,
+# which its disk bound counts), read-only.
+CHANGES_IN_SLOT = "/run/atropos-changes"
 # System directories a command sees, read-only. Merged-/usr hosts have symlinks for most.
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 # The identity commands have inside the slot's user namespace (not root: no capabilities).
@@ -32,6 +35,32 @@ class SlotPaths:
     root: Path
     workspace: Path
     tmp: Path
+    # Where the slot sees its own changes on a copy-on-write workspace (``layered.py``), bound
+    # read-only at CHANGES_IN_SLOT; None where workspaces are copies.
+    changes: Path | None = None
+
+
+@dataclass(frozen=True)
+class DiskBound:
+    """What a slot's disk bound counts when its workspace is made of layers (``layered.py``):
+    only its own changes. On an overlay they are in the changes directory (``counts_changes``);
+    on a copy, they are what the workspace holds beyond the ``baseline_bytes`` the copy took."""
+
+    counts_changes: bool = False
+    baseline_bytes: int = 0
+
+
+def disk_config(
+    settings: SandboxSettings, paths: SlotPaths, disk: DiskBound | None
+) -> dict[str, Any]:
+    """The agent's config keys for ``disk`` (none: the bound counts the whole workspace)."""
+    measured: dict[str, Any] = {}
+    if disk is not None and disk.counts_changes and paths.changes is not None:
+        isolated = settings.isolation == "bwrap"
+        measured["disk_root"] = CHANGES_IN_SLOT if isolated else str(paths.changes)
+    if disk is not None and disk.baseline_bytes:
+        measured["disk_baseline_bytes"] = disk.baseline_bytes
+    return measured
 
 
 @dataclass(frozen=True)
@@ -42,13 +71,17 @@ class Launch:
 
 
 def agent_config(
-    settings: SandboxSettings, paths: SlotPaths, network: bool | None = None
+    settings: SandboxSettings,
+    paths: SlotPaths,
+    network: bool | None = None,
+    disk: DiskBound | None = None,
 ) -> dict[str, Any]:
     # ``network``: the launch's network mode (None: the server's); see ``bwrap_prefix``.
     isolated = settings.isolation == "bwrap"
     root = WORKSPACE_IN_SLOT if isolated else str(paths.workspace)
     tmp = "/tmp" if isolated else str(paths.tmp)
     return {
+        **disk_config(settings, paths, disk),
         "root": root,
         "scratch": [tmp],
         "shell": settings.slot_shell(),
@@ -97,6 +130,7 @@ def bwrap_prefix(
     bwrap = shutil.which("bwrap") or "bwrap"
     allowed = settings.allow_network and network is not False
     unshare_net = [] if allowed else ["--unshare-net"]
+    changes = [] if paths.changes is None else ["--ro-bind", str(paths.changes), CHANGES_IN_SLOT]
     return [
         bwrap,
         "--unshare-user",
@@ -122,6 +156,7 @@ def bwrap_prefix(
         "--ro-bind",
         str(runtime_dir),
         RUNTIME_IN_SLOT,
+        *changes,
         "--chdir",
         WORKSPACE_IN_SLOT,
         "--clearenv",
@@ -143,15 +178,17 @@ def launch_for(
     paths: SlotPaths,
     runtime_dir: Path,
     network: bool | None = None,
+    disk: DiskBound | None = None,
 ) -> Launch:
-    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own), and
-    ``network`` the network mode it runs in (None: the server's; see ``bwrap_prefix``).
+    """How to start a slot's agent; ``uid`` is its host uid (None: the server's own),
+    ``network`` the network mode it runs in (None: the server's; see ``bwrap_prefix``), and
+    ``disk`` what its disk bound counts (None: its workspace).
 
     The agent is the runtime directory run as a program (``runtime.py``): ``-I`` keeps the
     environment and user site out, ``-S`` skips ``site`` (nothing of it is needed, and every
     slot would carry it).
     """
-    config = json.dumps(agent_config(settings, paths, network))
+    config = json.dumps(agent_config(settings, paths, network, disk))
     python = settings.slot_python()
     if settings.isolation == "bwrap":
         argv = [

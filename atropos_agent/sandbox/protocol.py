@@ -3,7 +3,9 @@
 Version 1 is the old containers' protocol (``/batch``, ``/execute``, ``/reset``, ``/slots``,
 ``/artifacts/*`` keyed by ``slot_id``); version 2 keeps its shapes, adds fields, and adds
 ``POST /batch/stream``; version 3 adds ``POST /cancel`` and slot owners (an item's ``lease``,
-``POST /slots/owner``, ``owner`` in ``/slots``). See docs/protocol.md.
+``POST /slots/owner``, ``owner`` in ``/slots``); version 4 adds ``POST /execute/stream``;
+version 5 adds workspaces: layers (``/layers``), slots started on them, forks, diffs, exports
+and uploads. See docs/protocol.md.
 
 Names: a call's id is ``uniq_id`` in code on both sides, as the trainer names it; on this hop
 its wire name is ``execution_id``, the old containers' name for it. ``index`` in a streamed
@@ -26,7 +28,7 @@ from atropos_agent.models import (
     IdText,
 )
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # The oldest sandbox protocol this executor drives: it needs POST /batch/stream.
 MIN_PROTOCOL_VERSION = 2
 # The first protocol with POST /cancel and slot owners: an older sandbox has neither route and
@@ -35,6 +37,9 @@ CANCEL_AND_OWNER_VERSION = 3
 # The first protocol with POST /execute/stream (a call's output as it prints): an executor
 # falls back to a plain call on an older sandbox.
 STREAM_VERSION = 4
+# The first protocol with workspaces: layers, POST /slots/{id}/workspace, fork, diff, export,
+# PUT /slots/{id}/archive. An older sandbox can only give a trajectory an empty workspace.
+WORKSPACES_VERSION = 5
 
 
 class WireModel(BaseModel):
@@ -124,6 +129,9 @@ class SandboxHealth(BaseModel):
     uptime_s: float = 0.0
     # New at every start: a sandbox restarted at the same address is a different sandbox.
     instance_id: str = ""
+    # How workspaces made of layers are built (protocol 5): "overlay" (copy-on-write) or
+    # "copy"; None: a sandbox without workspaces.
+    workspace_layers: Literal["overlay", "copy"] | None = None
 
 
 class SlotState(BaseModel):
@@ -193,3 +201,73 @@ class SlotArtifactArchiveRequest(ArtifactArchiveFields):
 
 
 SlotArtifactRequest = SlotArtifactReadRequest | SlotArtifactListRequest | SlotArtifactArchiveRequest
+
+
+# What ``PUT /slots/{slot_id}/archive?format=`` takes: a tar.gz extracted at ``path``, or one
+# file written at ``path``.
+UploadFormat = Literal["tar.gz", "file"]
+
+
+# ---- workspaces made of layers (protocol 5; docs/sandbox.md, "Workspaces made of layers")
+
+# A layer: a template ("sha256-" and the hex sha256 of its tar.gz) or a fork's snapshot.
+LayerId = Annotated[str, Field(pattern=r"^(sha256-[0-9a-f]{64}|snap-[0-9a-f]{32})$")]
+# Layers of one workspace, newest first. Deeper fork chains are flattened into one snapshot.
+MAX_LAYERS = 32
+
+
+class LayerStored(BaseModel):
+    """``PUT /layers/{layer_id}``: the layer is in the store (``created`` false: it was
+    already). ``bytes``: what it takes there (its tree, and a template's archive)."""
+
+    layer_id: str
+    bytes: int = 0
+    entry_count: int = 0
+    created: bool = False
+
+
+class LayerInfo(BaseModel):
+    """One layer of ``GET /layers``: ``in_use`` counts the slots whose workspace holds it;
+    ``last_used`` is Unix time."""
+
+    layer_id: str
+    bytes: int
+    entry_count: int
+    in_use: int
+    last_used: float
+
+
+class LayersResponse(BaseModel):
+    """``GET /layers``: the store, its budget (``layer_cache_mb``) and the workspace mode."""
+
+    layers: list[LayerInfo]
+    budget_bytes: int
+    mode: Literal["overlay", "copy"]
+
+
+class LayerDropped(BaseModel):
+    """``DELETE /layers/{layer_id}``: ``removed`` false when it is absent, or in use (it then
+    goes when the last slot using it lets it go)."""
+
+    layer_id: str
+    removed: bool = False
+
+
+class SlotWorkspaceRequest(BaseModel):
+    """``POST /slots/{slot_id}/workspace``: restart the slot on a workspace made of ``layers``
+    (newest first; none: an empty workspace), wiping everything it held, as a reset."""
+
+    layers: Annotated[list[LayerId], Field(max_length=MAX_LAYERS)]
+
+
+class SlotForkRequest(BaseModel):
+    """``POST /slots/{slot_id}/fork``: start ``targets`` (slots of this sandbox, none: only
+    the snapshot, for forks that land elsewhere) on the slot's files as they are now."""
+
+    targets: Annotated[list[Identifier], Field(max_length=4096)]
+
+
+class ForkAnswer(BaseModel):
+    """The fork's layers, newest first: what a slot on another sandbox starts on."""
+
+    layers: list[str]

@@ -27,10 +27,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from atropos_agent import __version__
 from atropos_agent.errors import SandboxStartError, UnknownSlot
+from atropos_agent.models import UploadResponse
 from atropos_agent.sandbox import uids
 from atropos_agent.sandbox.agent.framing import OP_TOOL
 from atropos_agent.sandbox.agent.results import failure
 from atropos_agent.sandbox.isolation import SlotPaths, probe_bwrap
+from atropos_agent.sandbox.metrics import SandboxMetrics, SlotsState
 from atropos_agent.sandbox.protocol import (
     PROTOCOL_VERSION,
     BatchItem,
@@ -41,11 +43,14 @@ from atropos_agent.sandbox.protocol import (
     SlotsResponse,
     SlotState,
     StreamedResult,
+    UploadFormat,
 )
 from atropos_agent.sandbox.runtime import install_runtime
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.sandbox.slot import Call, Slot, wipe_dir
 from atropos_agent.sandbox.tools import SANDBOX_TOOLS
+from atropos_agent.sandbox.uploads import Uploads
+from atropos_agent.sandbox.workspaces import Workspaces
 from atropos_agent.web import SafeJsonAdapter
 
 log = logging.getLogger("atropos.sandbox")
@@ -59,6 +64,8 @@ STREAMED: SafeJsonAdapter[StreamedResult] = SafeJsonAdapter(StreamedResult)
 ITEMS = TypeAdapter(list[BatchItem])
 # An admitted batch entry: a call to run, or the failed result of an item that cannot run.
 Admitted = BatchItem | BatchResult
+# Slot agents started at once per core when the server starts (see ``Sandbox.start``).
+STARTS_PER_CPU = 4
 
 
 def call_key(item: BatchItem) -> tuple[str | None, int]:
@@ -140,6 +147,12 @@ class Sandbox:
         self.instance_id = uuid.uuid4().hex
         # Batches still running after their caller left: awaited on shutdown.
         self.tasks: set[asyncio.Task[None]] = set()
+        # Upload bodies on their way into slots (PUT /slots/{id}/archive).
+        self.uploads = Uploads(self.data_dir / "uploads", settings)
+        # Workspaces made of layers: templates, forks, diffs (protocol 5).
+        self.workspaces = Workspaces(settings, self.data_dir)
+        self.metrics = SandboxMetrics(settings.isolation)
+        self.metrics.watch(self.slots_state)
 
     # ---- life cycle
 
@@ -160,6 +173,7 @@ class Sandbox:
         wipe_dir(self.data_dir / "slots")
         (self.data_dir / "slots").mkdir()
         (self.data_dir / "slots").chmod(0o711)
+        self.uploads.prepare()
         install_runtime(self.runtime_dir, self.settings.slot_python())
         if self.settings.isolation == "bwrap":
             probe_dir = self.data_dir / "probe"
@@ -174,15 +188,27 @@ class Sandbox:
             log.warning(
                 "event=isolation_disabled isolation=none message='commands run WITHOUT a sandbox'"
             )
+        self.workspaces.prepare(self.uid_for(0))
+        copy_on_write = self.workspaces.mode == "overlay"
         self.slots = {
-            f"slot_{i}": Slot(i, self.uid_for(i), self.settings, self.data_dir, self.runtime_dir)
+            f"slot_{i}": Slot(
+                i, self.uid_for(i), self.settings, self.data_dir, self.runtime_dir, copy_on_write
+            )
             for i in range(self.settings.slots)
         }
         self.prepared = True
 
     async def start(self) -> None:
         await asyncio.to_thread(self.prepare)
-        await asyncio.gather(*(slot.start() for slot in self.slots.values()))
+        # A few agents per core at once: more only queue for the CPU, and each agent's start
+        # deadline would count the others' time (1,024 slots on 2 busy cores then time out).
+        starting = asyncio.Semaphore(max(1, (os.cpu_count() or 1) * STARTS_PER_CPU))
+
+        async def start(slot: Slot) -> None:
+            async with starting:
+                await slot.start()
+
+        await asyncio.gather(*(start(slot) for slot in self.slots.values()))
         log.info(
             "event=sandbox_ready slots=%d isolation=%s data_dir=%s",
             len(self.slots),
@@ -196,6 +222,10 @@ class Sandbox:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*(slot.stop() for slot in self.slots.values()), return_exceptions=True)
+        # The mounts die with this process's namespace; unmounted first all the same, so that
+        # removing the data dir below never walks into a layer.
+        await asyncio.to_thread(self.workspaces.unmount_all, list(self.slots.values()))
+        await self.workspaces.close()
         if self.uid_range is not None:
             self.uid_range.release()
         if self.owns_data_dir:
@@ -284,6 +314,7 @@ class Sandbox:
                 by_slot[entry.slot_id].append(position)
             else:
                 results[position] = entry
+                self.metrics.call_refused()
                 if on_result is not None:
                     on_result(position, entry)
 
@@ -298,6 +329,7 @@ class Sandbox:
                 position = positions[number]
                 item = items[position]
                 assert item is not None
+                self.metrics.call_answered(item.tool, answer)
                 result = results[position] = batch_result(item, answer)
                 if on_result is not None:
                     on_result(position, result)
@@ -331,6 +363,7 @@ class Sandbox:
                 for position, item in enumerate(items):
                     if position not in answered and isinstance(item, BatchItem):
                         answer = failure(f"{item.slot_id}: {exc}")
+                        self.metrics.call_answered(item.tool, answer)
                         finished.put_nowait((position, batch_result(item, answer)))
             finally:
                 finished.put_nowait(None)
@@ -374,15 +407,19 @@ class Sandbox:
         async def run(item: BatchItem) -> None:
             try:
                 answers = await self.slots[item.slot_id].call_many([self.call_for(item, on_output)])
+                self.metrics.call_answered(item.tool, answers[0])
                 on_result(batch_result(item, answers[0]))
             except Exception as exc:  # the call gets an answer, whatever went wrong
-                on_result(batch_result(item, failure(f"{item.slot_id}: {exc}")))
+                answer = failure(f"{item.slot_id}: {exc}")
+                self.metrics.call_answered(item.tool, answer)
+                on_result(batch_result(item, answer))
             finally:
                 events.put_nowait(None)
 
         if isinstance(entry, BatchItem):
             self.own(asyncio.create_task(run(entry)))
         else:
+            self.metrics.call_refused()
             on_result(entry)
             events.put_nowait(None)
 
@@ -401,6 +438,13 @@ class Sandbox:
         slot = self.slot(request.slot_id)
         fields = request.model_dump(exclude={"slot_id"})
         return await slot.call({"op": op, **fields}, ARTIFACT_TIMEOUT_S)
+
+    async def upload(
+        self, slot_id: str, body: AsyncIterator[bytes], path: str, archive_format: UploadFormat
+    ) -> tuple[UploadResponse, bool]:
+        """An upload into ``slot_id``'s workspace (``uploads.py``); the answer, and whether
+        it is over a cap. An unknown slot is refused before the body is read."""
+        return await self.uploads.extract(self.slot(slot_id), body, path, archive_format)
 
     async def cancel(self, slot_id: str) -> bool:
         """Stop the call ``slot_id`` runs now; True when one ran and was stopped."""
@@ -425,7 +469,20 @@ class Sandbox:
             protocol_version=PROTOCOL_VERSION,
             uptime_s=round(time.time() - self.started_at, 3),
             instance_id=self.instance_id,
+            workspace_layers=self.workspaces.mode if self.prepared else None,
         )
 
     def describe_slots(self) -> SlotsResponse:
         return SlotsResponse(slots=[slot.describe() for slot in self.slots.values()])
+
+    def slots_state(self) -> SlotsState:
+        """What the gauges of a scrape show (``metrics.SlotCollector``)."""
+        states = {"busy": 0, "idle": 0, "down": 0}
+        for slot in self.slots.values():
+            alive = slot.process is not None and slot.process.returncode is None
+            states["busy" if slot.busy else "idle" if alive else "down"] += 1
+        return SlotsState(
+            by_state=states,
+            pending=sum(slot.pending for slot in self.slots.values()),
+            restarts=sum(slot.restarts for slot in self.slots.values()),
+        )

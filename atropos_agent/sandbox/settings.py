@@ -52,6 +52,15 @@ class SandboxSettings(BaseSettings):
     disk_mb: int = Field(default=1024, ge=1, description="workspace + /tmp per slot")
     max_request_bytes: int = Field(default=32 * MIB, ge=1024)
     max_pending_per_slot: int = Field(default=1024, ge=1)
+    # An upload into a slot (PUT /slots/{id}/archive): its body, and the bytes and entries of
+    # the archive extracted; beyond either, 413.
+    upload_max_mb: int = Field(default=1024, ge=1)
+    upload_max_entries: int = Field(default=200_000, ge=1)
+    # Workspaces made of layers (templates, forks): "overlay" (copy-on-write), "copy" (a real
+    # copy per slot), or "auto" (overlay where this host allows it). docs/sandbox.md.
+    workspace_layers: Literal["auto", "overlay", "copy"] = "auto"
+    # Disk the layer store may keep; unused layers beyond it are evicted, oldest use first.
+    layer_cache_mb: int = Field(default=8192, ge=1)
     # How commands answer: "split" (the old service's form: stdout, then "[stderr]" and
     # stderr, stripped) or "merged" (both streams interleaved in one pipe, not stripped).
     terminal_output: Literal["split", "merged"] = "split"
@@ -77,6 +86,14 @@ class SandboxSettings(BaseSettings):
     @property
     def disk_bytes(self) -> int:
         return self.disk_mb * MIB
+
+    @property
+    def upload_max_bytes(self) -> int:
+        return self.upload_max_mb * MIB
+
+    @property
+    def layer_cache_bytes(self) -> int:
+        return self.layer_cache_mb * MIB
 
     def slot_python(self) -> str:
         """The interpreter the slot agent (and the ``python`` tool) runs with."""

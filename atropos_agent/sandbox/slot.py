@@ -32,17 +32,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from atropos_agent.errors import SandboxStartError, SlotBusy
+from atropos_agent.sandbox import mounts
 from atropos_agent.sandbox.agent.framing import (
     FRAME_HEADER,
     OP_CANCEL,
     OP_OUTPUT,
     OP_SHUTDOWN,
+    OP_WORKSPACE,
     body_length,
     decode_body,
     encode_frame,
 )
 from atropos_agent.sandbox.agent.results import failure
-from atropos_agent.sandbox.isolation import Launch, SlotPaths, launch_for
+from atropos_agent.sandbox.isolation import Launch, SlotPaths, disk_config, launch_for
+from atropos_agent.sandbox.layered import LayeredWorkspace
 from atropos_agent.sandbox.protocol import SlotLease, SlotState
 from atropos_agent.sandbox.settings import SandboxSettings
 
@@ -56,6 +59,8 @@ AGENT_STOP_TIMEOUT_S = 3.0
 # Longest wait for a cancelled call's answer: a command ends at once, but a call that runs no
 # command (an artifact archive) finishes first, and then it was not cancelled.
 CANCEL_WAIT_S = 5.0
+# An agent entering a workspace made under it answers at once.
+ENTER_TIMEOUT_S = 10.0
 
 
 # Results a slot keeps for calls sent again: an executor restarted mid-call retries its last
@@ -67,8 +72,10 @@ class Call(NamedTuple):
     """One request for a slot's agent, the time it may take, the network mode it needs
     (None: whichever mode the agent runs in, as artifact operations), the lease the caller
     holds the slot by (None: the owner stays as it is), the call's id with a digest of what
-    it asks (None: never answered from the slot's recent results), and where its output goes
-    as the command prints it (None: not streamed; ``agent/streaming.py``)."""
+    it asks (None: never answered from the slot's recent results), where its output goes
+    as the command prints it (None: not streamed; ``agent/streaming.py``), and what to do
+    once the slot is the call's, just before the request is sent (an upload's body moved
+    into the slot's /tmp: ``uploads.py``)."""
 
     request: dict[str, Any]
     timeout_s: float
@@ -77,6 +84,7 @@ class Call(NamedTuple):
     call_id: str | None = None
     digest: int = 0
     on_output: Callable[[dict[str, Any]], None] | None = None
+    before_send: Callable[[], None] | None = None
 
 
 def network_changed(network: bool) -> str:
@@ -96,8 +104,9 @@ def prepare_dir(path: Path, uid: int | None) -> None:
     os.chmod(path, 0o700)
 
 
-def wipe_dir(path: Path) -> None:
-    """Remove everything below ``path``, including entries a command made unwritable."""
+def wipe_dir(path: Path, keep: bool = False) -> None:
+    """Remove everything below ``path``, including entries a command made unwritable; and
+    ``path`` itself unless ``keep`` (a mount point)."""
 
     def make_writable_and_retry(func: Any, target: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
@@ -106,8 +115,18 @@ def wipe_dir(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             func(target)
 
-    if path.exists():
+    if not path.exists():
+        return
+    if not keep:
         shutil.rmtree(path, onerror=make_writable_and_retry)
+        return
+    os.chmod(path, 0o700)
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, onerror=make_writable_and_retry)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 def kill_uid_processes(uid: int) -> None:
@@ -144,13 +163,19 @@ class Slot:
         settings: SandboxSettings,
         data_dir: Path,
         runtime_dir: Path,
+        copy_on_write: bool = False,
     ):
         self.index = index
         self.slot_id = f"slot_{index}"
         self.settings = settings
         self.runtime_dir = runtime_dir
         root = data_dir / "slots" / self.slot_id
-        self.paths = SlotPaths(root=root, workspace=root / "workspace", tmp=root / "tmp")
+        # ``copy_on_write``: workspaces of layers are overlays (``layered.py``), mounted on the
+        # workspace directory, with the slot's own changes shown at ``changes``.
+        changes = root / "changes" if copy_on_write else None
+        self.paths = SlotPaths(root, root / "workspace", root / "tmp", changes)
+        # Copy-on-write: whether the workspace and changes directories are mount points yet.
+        self.mount_points = False
         self.uid = uid
         self.lock = asyncio.Lock()
         self.process: asyncio.subprocess.Process | None = None
@@ -172,6 +197,11 @@ class Slot:
         # The latest results by call id, so that a call sent again (its executor restarted
         # while it ran) is answered once more instead of run twice. Reset forgets them.
         self.recent: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        # The workspace's layers (``layered.py``) when it was started on some; None: a plain
+        # directory, as every slot has until then.
+        self.layered: LayeredWorkspace | None = None
+        # ``calls`` when the agent last started: a slot that ran nothing since is fresh.
+        self.calls_at_start = 0
 
     # ---- life cycle
 
@@ -181,9 +211,15 @@ class Slot:
             self.network = network
         self.paths.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.paths.root, 0o711)
-        prepare_dir(self.paths.workspace, self.uid)
+        if self.layered is None:  # a layered workspace was made by ``use_workspace``
+            prepare_dir(self.paths.workspace, self.uid)
         prepare_dir(self.paths.tmp, self.uid)
-        launch = launch_for(self.settings, self.uid, self.paths, self.runtime_dir, self.network)
+        if self.paths.changes is not None and not self.mount_points:
+            await asyncio.to_thread(self.make_mount_points)
+        disk = self.layered.disk() if self.layered is not None else None
+        launch = launch_for(
+            self.settings, self.uid, self.paths, self.runtime_dir, self.network, disk
+        )
         self.process = await self._spawn(launch)
         try:
             ready = await asyncio.wait_for(self._receive(), AGENT_START_TIMEOUT_S)
@@ -197,6 +233,7 @@ class Slot:
             await self._kill()
             raise SandboxStartError(f"{self.slot_id}: unexpected first message from agent: {ready}")
         self.started_at = time.time()
+        self.calls_at_start = self.calls
         log.debug(
             "event=slot_started slot=%s pid=%s network=%s",
             self.slot_id,
@@ -250,10 +287,114 @@ class Slot:
             self.set_owner(None)
             self.recent.clear()
             await self.stop()
-            await asyncio.to_thread(wipe_dir, self.paths.workspace)
-            await asyncio.to_thread(wipe_dir, self.paths.tmp)
+            await self.drop_workspace()
             self.lost_reason = None
             await self.start(self.settings.allow_network)
+
+    # ---- workspaces made of layers (``layered.py``)
+
+    def fresh(self) -> bool:
+        """Whether the slot is as a restart would leave it: its agent runs, in the server's
+        network mode, on an empty workspace, and ran nothing since it started."""
+        return (
+            self.layered is None
+            and self.process is not None
+            and self.process.returncode is None
+            and self.calls == self.calls_at_start
+            and self.network == self.settings.allow_network
+        )
+
+    async def use_workspace(self, layered: LayeredWorkspace | None) -> None:
+        """Start the slot anew on ``layered`` (None: an empty workspace), wiping what it held
+        as a reset does (its owner is kept: the lease that asked for the workspace).
+
+        A fresh slot (every slot just leased) keeps its agent: the workspace is made under it
+        and the agent enters it (``enter_workspace``), a millisecond or two against tens for
+        a restart. The slot takes over ``layered``'s hold on its layers, and lets it go
+        whatever happens."""
+        adopted = False
+        try:
+            async with self.lock:
+                self.recent.clear()
+                in_place = layered is not None and self.fresh()
+                if not in_place:
+                    await self.stop()
+                    await self.drop_workspace()
+                    self.lost_reason = None
+                if layered is not None:
+                    try:
+                        await asyncio.to_thread(layered.build)
+                    except Exception as exc:
+                        await asyncio.to_thread(self.wipe_layered, layered)
+                        if not in_place:
+                            await self.start(self.settings.allow_network)
+                        raise SandboxStartError(
+                            f"{self.slot_id}: its workspace could not be made of layers "
+                            f"{layered.layer_ids}: {exc}; the slot runs on an empty one"
+                        ) from exc
+                    self.layered, adopted = layered, True
+                if in_place:
+                    await self.enter_workspace()
+                else:
+                    await self.start(self.settings.allow_network)
+        finally:
+            if layered is not None and not adopted:
+                layered.release()
+
+    async def enter_workspace(self) -> None:
+        """Have the running agent enter the workspace just made under it (an overlay now
+        covers /workspace: it is entered again) and count its disk bound as the workspace
+        says. An agent that does not see it there is restarted, which always does."""
+        assert self.layered is not None
+        disk = disk_config(self.settings, self.paths, self.layered.disk())
+        answer = await self._run_locked(Call({"op": OP_WORKSPACE, **disk}, ENTER_TIMEOUT_S))
+        made = os.stat(self.paths.workspace)
+        if answer.get("success") and (answer.get("device"), answer.get("inode")) == (
+            made.st_dev,
+            made.st_ino,
+        ):
+            return
+        log.warning(
+            "event=workspace_not_entered slot=%s answer=%s: restarting the slot's agent",
+            self.slot_id,
+            answer.get("error") or answer,
+        )
+        await self._kill()
+        await self.start(self.settings.allow_network)
+
+    async def drop_workspace(self) -> None:
+        """Wipe the workspace and /tmp of the stopped slot, unmounting layers first."""
+        layered, self.layered = self.layered, None
+        if layered is not None:
+            await asyncio.to_thread(layered.unmount)
+            await asyncio.to_thread(self.wipe_layered, layered)
+            layered.release()
+        await asyncio.to_thread(wipe_dir, self.paths.workspace, self.mount_points)
+        await asyncio.to_thread(wipe_dir, self.paths.tmp)
+
+    def wipe_layered(self, layered: LayeredWorkspace) -> None:
+        for directory in layered.directories():
+            wipe_dir(directory)
+        # Emptied, not removed: a fresh slot's running agent is in it.
+        wipe_dir(self.paths.workspace, keep=True)
+
+    def make_mount_points(self) -> None:
+        """Make the workspace and changes directories mount points whose mounts reach the
+        slot's running bubblewrap (``mounts.bind_shared``)."""
+        assert self.paths.changes is not None
+        self.paths.changes.mkdir(mode=0o755, exist_ok=True)
+        mounts.bind_shared(self.paths.workspace)
+        mounts.bind_shared(self.paths.changes)
+        self.mount_points = True
+
+    def unmount_all(self) -> None:
+        """Take every mount of the stopped slot off (worker thread; at the server's stop)."""
+        if self.layered is not None:
+            self.layered.unmount()
+        if self.mount_points and self.paths.changes is not None:
+            mounts.unmount(self.paths.changes)
+            mounts.unmount(self.paths.workspace)
+            self.mount_points = False
 
     # ---- calls
 
@@ -324,6 +465,8 @@ class Slot:
         if switch:
             log.info("event=slot_network_mode slot=%s network=%s", self.slot_id, self.network)
             reasons.append(network_changed(self.network))
+        if call.before_send is not None:
+            call.before_send()
         self.calls += 1
         self.answering = True
         result: dict[str, Any] | None = None

@@ -32,6 +32,11 @@ class AgentConfig:
         self.max_output_bytes = int(raw["max_output_bytes"])
         self.max_file_bytes = int(raw["max_file_bytes"])
         self.disk_bytes = int(raw["disk_bytes"])
+        # What the disk bound counts, on a workspace made of layers: the directory holding the
+        # slot's own changes (an overlay's upper, bound read-only), or what the workspace holds
+        # beyond the bytes its copy took. Default: the whole workspace.
+        self.disk_root = os.path.realpath(raw.get("disk_root") or raw["root"])
+        self.disk_baseline_bytes = int(raw.get("disk_baseline_bytes", 0))
         self.max_processes = int(raw["max_processes"])
         self.memory_bytes = int(raw["memory_bytes"])
         # A background job's timeout: its default, and the longest a job may ask for.

@@ -36,6 +36,10 @@ OP_OUTPUT = "output"
 OP_ARTIFACT_READ = "artifact_read"
 OP_ARTIFACT_LIST = "artifact_list"
 OP_ARTIFACT_ARCHIVE = "artifact_archive"
+# An upload staged in the slot's /tmp, to extract into the workspace (``agent/extract.py``).
+OP_EXTRACT = "extract"
+# The server made the slot's workspace anew under the running agent (layers): enter it again.
+OP_WORKSPACE = "workspace"
 
 
 class ChannelError(Exception):

@@ -22,8 +22,10 @@ from .artifacts import ARTIFACTS
 from .config import AgentConfig, apply_limits
 from .framing import (
     OP_CANCEL,
+    OP_EXTRACT,
     OP_SHUTDOWN,
     OP_TOOL,
+    OP_WORKSPACE,
     ChannelError,
     StopRequested,
     read_frame,
@@ -50,7 +52,13 @@ class Agent:
 
     def __init__(self, config: AgentConfig, child_exited_r: int = -1, requests_r: int = -1) -> None:
         self.config = config
-        self.workspace = Workspace(config.root, config.scratch, config.disk_bytes)
+        self.workspace = Workspace(
+            config.root,
+            config.scratch,
+            config.disk_bytes,
+            config.disk_root,
+            config.disk_baseline_bytes,
+        )
         self.runner = Runner(config, self.workspace, child_exited_r, requests_r)
         self.shell = StatefulShell(self.runner)
         # The tmux session's keeper, made on the first tmux call (agent/tmux.py).
@@ -88,6 +96,12 @@ class Agent:
             artifact = ARTIFACTS.get(str(op))
             if artifact is not None:
                 return artifact(self.workspace, self.config.max_file_bytes, request)
+            if op == OP_WORKSPACE:
+                return self.workspace.enter(request)
+            if op == OP_EXTRACT:
+                from .extract import extract  # on first use: an idle slot does not carry it
+
+                return extract(self.workspace, request)
             return failure(f"unknown agent operation {op!r}")
         except ToolError as exc:
             return failure(str(exc))

@@ -25,13 +25,25 @@ WORKSPACE_IN_SLOT = "/workspace"
 class Workspace:
     """One slot's files: ``root`` (the workspace) and ``scratch`` (its /tmp), both real paths.
 
-    ``disk_limit`` bounds both together, in bytes of allocated blocks.
+    ``disk_limit`` bounds both together, in bytes of allocated blocks. On a workspace made of
+    layers it counts only the slot's own changes: those in ``disk_root`` (an overlay's upper
+    directory, at the same relative paths as in the workspace) instead of the workspace, or
+    what the workspace holds beyond ``disk_baseline`` (a copy of the layers).
     """
 
-    def __init__(self, root: str, scratch: list[str], disk_limit: int) -> None:
+    def __init__(
+        self,
+        root: str,
+        scratch: list[str],
+        disk_limit: int,
+        disk_root: str | None = None,
+        disk_baseline: int = 0,
+    ) -> None:
         self.root = root
         self.scratch = scratch
         self.disk_limit = disk_limit
+        self.disk_root = disk_root or root
+        self.disk_baseline = disk_baseline
 
     def resolve(self, path: Any, *, for_write: bool = False) -> str:
         """Map a tool path to a real path inside the workspace, refusing every escape.
@@ -62,6 +74,16 @@ class Workspace:
                 raise ToolError(f"path {path!r} leads out of the workspace through a symlink")
         return real
 
+    def enter(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The server made the workspace anew under this agent (a fresh slot started on
+        layers): enter it again (commands start where the agent is), count the disk bound as
+        ``request`` says, and answer where the agent now is (device and inode)."""
+        os.chdir(self.root)
+        self.disk_root = os.path.realpath(request.get("disk_root") or self.root)
+        self.disk_baseline = int(request.get("disk_baseline_bytes", 0))
+        here = os.stat(".")
+        return {"success": True, "device": here.st_dev, "inode": here.st_ino}
+
     def inside(self, path: str) -> bool:
         return path == self.root or path.startswith(self.root + os.sep)
 
@@ -74,9 +96,10 @@ class Workspace:
         return WORKSPACE_IN_SLOT if real == self.root else self.relative(real)
 
     def disk_usage(self) -> int:
-        """Bytes allocated under the workspace and scratch (symlinks are not followed)."""
-        used = 0
-        stack = [self.root, *self.scratch]
+        """Bytes allocated under the measured directory and scratch, less the baseline
+        (symlinks are not followed)."""
+        used = -self.disk_baseline
+        stack = [self.disk_root, *self.scratch]
         while stack:
             top = stack.pop()
             try:
@@ -91,7 +114,7 @@ class Workspace:
                             stack.append(entry.path)
             except OSError:
                 continue
-        return used
+        return max(used, 0)
 
     def open_file(self, real: str) -> BinaryIO:
         """A regular file opened for reading; a clear error for a directory or anything else.
@@ -129,7 +152,10 @@ class Workspace:
         if os.path.isdir(real):
             raise ToolError(f"{self.display(real)} is a directory")
         used = self.disk_usage()
-        existing = os.lstat(real).st_size if os.path.lexists(real) else 0
+        # What the file takes now where the bound counts (an overlay's upper holds a layer's
+        # file only once it was written).
+        counted = os.path.join(self.disk_root, self.relative(real))
+        existing = os.lstat(counted).st_size if os.path.lexists(counted) else 0
         if used - existing + len(data) > self.disk_limit:
             raise ToolError(
                 f"writing {len(data)} bytes would exceed the workspace disk limit of "
