@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from atropos_agent.client import extract_checked
 from harness.servers import SandboxServer, start_sandbox
 
 GZIP = {"Content-Type": "application/gzip"}
@@ -336,7 +337,7 @@ def test_diff_applied_to_the_template_gives_the_workspace(
     answer = diff(layered, "slot_5")
     tree = tmp_path / "tree"
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        tar.extractall(tree, filter="data")
+        extract_checked(tar, tree)
     for path in answer["deleted"]:
         target = tree / path
         if target.is_dir() and not target.is_symlink():
@@ -344,7 +345,7 @@ def test_diff_applied_to_the_template_gives_the_workspace(
         else:
             target.unlink()
     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(answer["content"])), mode="r:gz") as tar:
-        tar.extractall(tree, filter="data")
+        extract_checked(tar, tree)
     exported = layered.client.get("/slots/slot_5/export")
     assert exported.status_code == 200, exported.text
     whole = members(exported.content)
