@@ -28,6 +28,7 @@ Both servers turn any ``AtroposError`` into ``{"error": message}`` with that sta
     │   ├── IsolationUnavailable    500: bubblewrap cannot create a sandbox on this host
     │   └── SandboxStartError       500: a sandbox server or one of its slots cannot start
     └── ExecutorError           (client side) the executor service refused a request
+        └── ExecutorUnreachable     503: no answer from an executor (refused, timed out, cut)
 
 The slot agent (``sandbox/agent``) keeps its own ``ToolError``: it runs on the sandbox's
 python3, outside this package, and its failures travel as results, not exceptions.
@@ -197,3 +198,15 @@ class ExecutorError(AtroposError):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+class ExecutorUnreachable(ExecutorError):
+    """(client side) No answer from the executor at ``url``: the connection was refused or
+    timed out, or broke before the answer. ``sent`` is False when the request never left (so
+    nothing ran); ``timed_out`` when the answer did not come in time."""
+
+    def __init__(self, url: str, message: str, sent: bool, timed_out: bool = False) -> None:
+        super().__init__(503, message)
+        self.url = url
+        self.sent = sent
+        self.timed_out = timed_out

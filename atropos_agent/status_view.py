@@ -13,13 +13,12 @@ import sys
 import time
 from typing import Any
 
-import httpx
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from atropos_agent.client import ExecutorClient, ExecutorError
+from atropos_agent.client import ExecutorClient, ExecutorError, ExecutorUnreachable
 
 DEFAULT_URL = "http://127.0.0.1:9001"
 DEFAULT_WATCH_S = 2.0
@@ -168,16 +167,15 @@ class StatusReader:
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url
-        self.client = ExecutorClient(url, token, retries=0)
-        self.client.http.timeout = httpx.Timeout(READ_TIMEOUT_S)
+        self.client = ExecutorClient(url, token, retries=0, read_timeout_s=READ_TIMEOUT_S)
 
     def read(self) -> dict[str, Any] | str:
         try:
             return self.client.status().model_dump()
+        except ExecutorUnreachable as exc:
+            return f"cannot reach {self.url}/status: {exc.message}"
         except ExecutorError as exc:
             return f"{self.url}/status answered {exc}"
-        except httpx.HTTPError as exc:
-            return f"cannot reach {self.url}/status: {type(exc).__name__}: {exc}"
 
     def view(self) -> Group | Text:
         status = self.read()

@@ -21,8 +21,10 @@
 #     dir = "/etc/nomad-autoscaler/policies"
 #   }
 #
-# One policy per pool: with several executors, copy this block with each pool's job id (in the
-# query's job_id and in the target's Job).
+# One policy per pool, named by its job id (in the query's job_id and in the target's Job). An
+# executor running in a Nomad allocation (nomad/tool-executor.nomad.hcl) owns the pool
+# <TOOL_EXECUTOR_JOB_ID>-<alloc index>: atropos-sandbox-tool-executor-0, -1, ... for
+# `executors = N`; copy this block for each, with that id.
 
 scaling "atropos-sandbox-tool-executor" {
   enabled = true

@@ -140,6 +140,7 @@ job "atropos-sandbox-tool-executor" {
         ATROPOS_SANDBOX_UPLOAD_MAX_ENTRIES = "200000"
         ATROPOS_SANDBOX_LAYER_CACHE_MB     = "8192"
         ATROPOS_SANDBOX_WORKSPACE_LAYERS   = "auto"
+        ATROPOS_SANDBOX_WARM_SLOTS         = "32"
       }
 
       # The shared token, from the Nomad Variable the executor keeps (see sandbox.nomad.hcl).

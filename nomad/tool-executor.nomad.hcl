@@ -8,10 +8,12 @@
 #   executor_token     bearer token trainers must send (TOOL_EXECUTOR_TOKEN)
 #   tool_server_token  optional, for TOOL_EXECUTOR_TOOL_SERVER_URL
 #
-# More executors for more load: run one copy of this job per executor, each with its own job
-# name, its own sandbox_job_id (so each manages a pool of its own: two executors on one pool
-# would lease the same slots) and its own Variable nomad/jobs/<job name>. Keep count = 1 within
-# a copy for the same reason. Trainers shard trajectories across executors by trajectory id.
+# More executors for more load: -var executors=N. Executor i (its allocation index) owns the
+# sandbox pool job <sandbox_job_id>-<i> (TOOL_EXECUTOR_JOB_ID_PER_ALLOC), a replacement of it
+# keeps the index and adopts that pool, and each registers in the service
+# atropos-tool-executor. Trainers find them all through Nomad:
+# ExecutorClient.from_nomad(service="atropos-tool-executor", ...) routes each trajectory to one
+# executor and keeps it there (docs/operations.md, "More load: several executors").
 
 variable "image" {
   type    = string
@@ -29,10 +31,16 @@ variable "namespace" {
   description = "Namespace of this job, its Variable and its sandbox pool (run-nomad.sh sets it from NOMAD_NAMESPACE)."
 }
 
+variable "executors" {
+  type        = number
+  default     = 1
+  description = "Executors, each with a sandbox pool of its own."
+}
+
 variable "sandbox_job_id" {
   type        = string
   default     = "atropos-sandbox-tool-executor"
-  description = "The sandbox pool job this executor owns. One per executor."
+  description = "The sandbox pool jobs' prefix: executor i owns <sandbox_job_id>-<i>."
 }
 
 variable "sandbox_image" {
@@ -74,8 +82,9 @@ job "atropos-tool-executor" {
   datacenters = var.datacenters
 
   group "executor" {
-    # One executor per pool: leases live in its memory.
-    count = 1
+    # Each executor owns a pool of its own (<sandbox_job_id>-<alloc index>): leases live in
+    # its memory, so no two executors share one.
+    count = var.executors
 
     network {
       port "http" {
@@ -93,6 +102,7 @@ job "atropos-tool-executor" {
       provider = "nomad"
 
       # 503 until at least one sandbox serves, so the check turns healthy once the pool is up.
+      # Trainers' clients route new trajectories to the executors this service lists.
       check {
         name     = "executor-health"
         type     = "http"

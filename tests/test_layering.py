@@ -38,6 +38,7 @@ def test_the_tree_keeps_its_layers() -> None:
         ("executor/sandbox_client.py", "atropos_agent.executor.backends.local"),
         ("sandbox/protocol.py", "atropos_agent.executor.settings"),
         ("models.py", "atropos_agent.client"),
+        ("client/transport.py", "atropos_agent.client.routing"),
         ("sandbox/slot.py", "atropos_agent.sandbox.server"),
         ("sandbox/agent/framing.py", "pydantic"),
     ],

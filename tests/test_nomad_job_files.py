@@ -241,8 +241,9 @@ def test_executor_job_file_configures_a_nomad_backend(monkeypatch: pytest.Monkey
     job = hcl.values(hcl.job)
     assert job["type"] == "service"
     ((_, group),) = labeled(hcl.job, "group").items()
-    # Leases live in the executor's memory: one executor per pool.
-    assert group["count"] == 1
+    # `-var executors=N` runs N executors, one by default.
+    assert group["count"] == "${var.executors}"
+    assert hcl.value(group["count"]) == 1
 
     ports = labeled(block(group, "network"), "port")
     port = ports["http"]
@@ -252,8 +253,10 @@ def test_executor_job_file_configures_a_nomad_backend(monkeypatch: pytest.Monkey
     # Prometheus finds the metrics port by this service (deploy/prometheus/prometheus.yml).
     metrics_service = services["atropos-tool-executor-metrics"]
     assert metrics_service["port"] == "metrics" and metrics_service["provider"] == "nomad"
+    # Trainers' clients discover the executors by this service; Nomad checks each one.
     check = block(service, "check")
     assert (check["type"], check["path"]) == ("http", "/health")
+    assert nanoseconds(check["interval"]) > 0 and nanoseconds(check["timeout"]) > 0
 
     ((_, task),) = labeled(group, "task").items()
     assert task["driver"] == "docker"
@@ -283,6 +286,21 @@ def test_executor_job_file_configures_a_nomad_backend(monkeypatch: pytest.Monkey
         defaults.slots,
     )
     assert settings.nomad_namespace == job["namespace"]
+    # Each executor of the group owns the pool named after its allocation index, which a
+    # replacement allocation keeps.
+    assert settings.job_id_per_alloc
+    for index in range(3):
+        monkeypatch.setenv("NOMAD_ALLOC_INDEX", str(index))
+        in_alloc = ExecutorSettings(_env_file=None)
+        assert in_alloc.pool_job_id == f"{JobFile(SANDBOX_JOB).job_id}-{index}"
+        assert in_alloc.nomad().job_id == in_alloc.pool_job_id
+        assert in_alloc.journal().identity == f"nomad-{in_alloc.pool_job_id}"
+        # Pools of one node keep their slot uids apart (each sandbox adds its own index).
+        uid_base = defaults.sandbox_slot_uid_base + index * defaults.max_containers * defaults.slots
+        assert in_alloc.nomad().sandbox_env["ATROPOS_SANDBOX_SLOT_UID_BASE"] == str(uid_base)
+    # The opt-out, for an executor that must keep adopting a pool registered under the plain id.
+    monkeypatch.setenv("TOOL_EXECUTOR_JOB_ID_PER_ALLOC", "false")
+    assert ExecutorSettings(_env_file=None).pool_job_id == JobFile(SANDBOX_JOB).job_id
 
     # Secrets come from the job's own Variable (readable through its workload identity).
     template = hcl.values(block(task, "template"))

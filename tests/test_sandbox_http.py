@@ -303,6 +303,11 @@ def test_health(sandbox: SandboxServer) -> None:
 
 
 def test_slots_listing(sandbox: SandboxServer) -> None:
+    # Free slots up to warm_slots (32 by default) start in the background, soon after health.
+    def all_alive() -> bool:
+        return all(slot["alive"] for slot in sandbox.client.get("/slots").json()["slots"])
+
+    wait_for(all_alive, 10, "every slot warm")
     response = sandbox.client.get("/slots")
     assert response.status_code == 200
     slots = response.json()["slots"]

@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import tarfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,11 @@ def test_a_fresh_slot_keeps_its_agent_and_a_used_one_restarts(layered: SandboxSe
     one that ran something is restarted, as a reset would."""
     layer = put_layer(layered, targz(TEMPLATE))
     assert layered.client.post("/reset", json={"slot_id": "slot_11"}).status_code == 200
+    # A reset slot is warmed again in the background (docs/sandbox.md, "Warm slots").
+    deadline = time.monotonic() + 10
+    while not layered.client.get("/slots").json()["slots"][11]["warm"]:
+        assert time.monotonic() < deadline, "slot_11 not warm again after its reset"
+        time.sleep(0.05)
     fresh_pid = layered.client.get("/slots").json()["slots"][11]["pid"]
     assert use(layered, "slot_11", [layer])["pid"] == fresh_pid
     assert sh(layered, "slot_11", "cat README && pwd") == "the template\n/workspace"

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from atropos_agent import __version__
 from atropos_agent.errors import BackendError
 from atropos_agent.executor.backends import create_backend
+from atropos_agent.executor.execute_route import ExecuteRoute
 from atropos_agent.executor.executor import ENDED_MEMORY, Executor
 from atropos_agent.executor.external_tools import ExternalTools
 from atropos_agent.executor.lease_journal import LeaseJournal
@@ -377,7 +378,7 @@ def body_rules(settings: ExecutorSettings) -> list[BodyRule]:
 def build_executor(settings: ExecutorSettings) -> Executor:
     """The executor and everything it owns: pool, backend, transport, external tools."""
     transport = AiohttpTransport()
-    metrics = ExecutorMetrics(settings.backend, settings.job_id, settings.scaling)
+    metrics = ExecutorMetrics(settings.backend, settings.pool_job_id, settings.scaling)
     pool = Pool(settings.pool(), create_backend(settings, transport), transport, metrics)
     token = settings.tool_server_token.get_secret_value() if settings.tool_server_token else None
     # Room for every remembered end and every slot the pool can lease at once.
@@ -444,6 +445,8 @@ def create_app(settings: ExecutorSettings | None = None) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     token = settings.token.get_secret_value() if settings.token else None
+    # Innermost of the middleware: auth and the body cap below apply to it too.
+    app.add_middleware(ExecuteRoute, executor=executor)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_request_bytes, rules=body_rules(settings)
     )

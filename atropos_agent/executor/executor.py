@@ -793,6 +793,7 @@ class Executor:
             slots=pool.slots_by_state(),
             sandboxes=pool.sandboxes_by_state(),
             wanted=pool.sandboxes_wanted(),
+            readiness=pool.slots_by_readiness(),
         )
 
     def status(self) -> StatusResponse:

@@ -28,6 +28,9 @@ class PoolSandbox:
     protocol_version: int = 0
     # How it builds workspaces of layers: "overlay" (copy-on-write), "copy"; None: it cannot.
     workspace_layers: str | None = None
+    # Its free slots with their agent started, as its last health check said (None: a sandbox
+    # that starts every slot before it is healthy, so all of them).
+    warm_reported: int | None = None
     lost: bool = False
     draining: bool = False
     failed_checks: int = 0
@@ -58,7 +61,18 @@ class PoolSandbox:
             "error": len(self.slot_ids) - accounted,
         }
 
+    def free_by_readiness(self) -> dict[str, int]:
+        """Free slots ``warm`` (agent started) and ``cold`` (started by their first call),
+        as of the sandbox's last health check."""
+        warm = (
+            len(self.free)
+            if self.warm_reported is None
+            else min(self.warm_reported, len(self.free))
+        )
+        return {"warm": warm, "cold": len(self.free) - warm}
+
     def describe(self) -> dict[str, Any]:
+        readiness = self.free_by_readiness()
         return {
             "sandbox_id": self.sandbox_id,
             "url": self.info.url,
@@ -67,6 +81,8 @@ class PoolSandbox:
             "free_slots": len(self.free),
             "leased_slots": len(self.leased),
             "resetting_slots": len(self.resetting),
+            "warm_slots": readiness["warm"],
+            "cold_slots": readiness["cold"],
             "draining": self.draining,
             "workspace_layers": self.workspace_layers,
             **self.batcher.describe(),

@@ -15,7 +15,7 @@ are ``ok`` or an ``error_kind``. Never a trajectory id.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -61,6 +61,8 @@ class PoolState:
     sandboxes: Mapping[str, int]
     # The sandbox count the pool aims for (``scaling.sandboxes_wanted``).
     wanted: int
+    # Slots warm, cold (free, with or without an agent) and leased (``Pool.slots_by_readiness``).
+    readiness: Mapping[str, int] = field(default_factory=dict)
 
 
 class StateCollector(Collector):
@@ -93,6 +95,15 @@ class StateCollector(Collector):
         for name, count in state.slots.items():
             slots.add_metric([name], count)
         yield slots
+        readiness = GaugeMetricFamily(
+            PREFIX + "slot_readiness",
+            "Slots of the pool's sandboxes by readiness: warm (free, agent started), cold "
+            "(free, started by the first call), leased; free ones as the sandboxes last reported.",
+            labels=["state"],
+        )
+        for name, count in state.readiness.items():
+            readiness.add_metric([name], count)
+        yield readiness
         sandboxes = GaugeMetricFamily(
             PREFIX + "sandboxes", "Sandboxes of the pool by state.", labels=["state"]
         )
@@ -102,7 +113,8 @@ class StateCollector(Collector):
         wanted = GaugeMetricFamily(
             PREFIX + "sandboxes_wanted",
             "Sandboxes the pool wants now: ceil((leases + waiting + headroom) / slots per "
-            "sandbox), never below a sandbox still in use, within min..max.",
+            "sandbox) (the headroom in warm slots), never below a sandbox still in use, within "
+            "min..max.",
             labels=["job_id"],
         )
         wanted.add_metric([self.job_id], state.wanted)

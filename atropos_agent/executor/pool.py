@@ -11,6 +11,9 @@ Rules that keep workspaces from being mixed up:
   all-new slots.
 - Slots are leased from the lowest-index sandbox first, so that the highest-index ones go idle
   first: those are the ones a shrink (and Nomad's scale-down) removes.
+- Within a sandbox, a slot is leased from the front of its free list and a reset one goes back
+  to the front: the order in which the sandbox keeps its free slots warm (sandbox/warmer.py),
+  so that a new trajectory gets a slot whose agent already runs.
 
 The pool owns the backend and the transport to the sandboxes: ``stop()`` stops both.
 """
@@ -197,12 +200,12 @@ class Pool:
                 "event=slot_reset_failed sandbox=%s slot=%s error=%s",
                 sandbox.sandbox_id,
                 slot_id,
-                exc.message,
+                exc.message or type(exc).__name__,
             )
             sandbox.failed_checks += 1
         else:
             if not sandbox.lost:
-                sandbox.free.append(slot_id)
+                sandbox.free.insert(0, slot_id)  # the front: the sandbox warms it first
         finally:
             sandbox.resetting.discard(slot_id)
             if sandbox.idle:
@@ -265,6 +268,10 @@ class Pool:
             return
         if (info.sandbox_id, health.instance_id) in self.retired:
             return
+        if info.sandbox_id in self.sandboxes:
+            # Another sync (a health tick, a scale-up's polling) admitted it while this one
+            # waited: a second admission would hand out its leased slots again.
+            return
         batcher = Batcher(
             client,
             self.settings.batch_window_s,
@@ -287,6 +294,7 @@ class Pool:
             instance_id=health.instance_id,
             protocol_version=health.protocol_version,
             workspace_layers=health.workspace_layers,
+            warm_reported=health.warm_slots,
         )
         self.sandboxes[info.sandbox_id] = sandbox
         for slot_id, owner in owned.items():
@@ -333,8 +341,9 @@ class Pool:
         """One health check; retire the sandbox once ``failures_to_retire`` checks in a row
         failed, or at once when it restarted in place (same address, new instance)."""
         try:
-            instance_id = (await sandbox.client.health()).instance_id
-            healthy = True
+            health = await sandbox.client.health()
+            instance_id, healthy = health.instance_id, True
+            sandbox.warm_reported = health.warm_slots
         except SandboxUnavailable:
             instance_id, healthy = "", False
         if healthy and instance_id != sandbox.instance_id:
@@ -436,6 +445,16 @@ class Pool:
                 states[state] += count
         return states
 
+    def slots_by_readiness(self) -> dict[str, int]:
+        """Slots of the live sandboxes: ``warm`` and ``cold`` free ones (as the sandboxes
+        last reported), ``leased`` (``PoolSandbox.free_by_readiness``)."""
+        states = {"warm": 0, "cold": 0, "leased": 0}
+        for sandbox in self.sandboxes.values():
+            for state, count in sandbox.free_by_readiness().items():
+                states[state] += count
+            states["leased"] += len(sandbox.leased)
+        return states
+
     def sandboxes_by_state(self) -> dict[str, int]:
         """``ready`` to lease, ``draining`` (to be stopped by a shrink), ``not_ready`` (listed
         by the backend, not answering yet), ``refused`` (a protocol this executor cannot drive)."""
@@ -471,6 +490,8 @@ class Pool:
             "slots_per_sandbox": self.settings.slots_per_sandbox,
             "free_slots": states["available"],
             "leased_slots": sum(len(s.leased) for s in live),
+            "slots_by_readiness": self.slots_by_readiness(),
+            "warm_slots_per_sandbox": self.settings.warm_slots,
             "waiting_for_slot": len(self.waiters),
             "lost_sandboxes": self.lost_sandboxes,
             "backend_error": self.backend_error,

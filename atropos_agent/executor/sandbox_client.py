@@ -369,7 +369,7 @@ def error_text(body: bytes) -> str:
             return str(without_lone_surrogates(str(decoded["error"])))
     except (ValueError, RecursionError):
         pass
-    return body.decode(errors="replace")[:300]
+    return body.decode(errors="replace")[:300].strip() or "an empty body"
 
 
 def missing_layers(body: bytes) -> list[str]:

@@ -7,6 +7,10 @@
   highest busy one stays, because Nomad's scale-down removes the highest indexes.
 - **Headroom**: ``headroom_slots`` free slots are kept ready beyond the slots in use and the
   calls waiting, so that a burst finds them without waiting for a sandbox to start (0: none).
+  Ready means warm: a sandbox keeps at most ``warm_slots`` of its free slots warm, so only
+  those count (slots are leased lowest index first: the free ones are those of the last
+  sandbox in use, and every one of an empty sandbox). With ``warm_slots`` 0 or unset every
+  free slot counts.
 
 ``sandboxes_wanted`` is the same decision as one number, for outside autoscalers (the gauge
 ``atropos_executor_sandboxes_wanted``, nomad/autoscaler-policy.hcl).
@@ -37,8 +41,15 @@ class SandboxLoad(Protocol):
 
 
 def demand(busy: int, waiting: int, settings: PoolSettings) -> int:
-    """Sandboxes enough for the slots in use, the calls waiting and the headroom."""
-    return math.ceil((busy + waiting + settings.headroom_slots) / settings.slots_per_sandbox)
+    """Sandboxes enough for the slots in use and the calls waiting, with the headroom in
+    slots their sandboxes keep warm."""
+    per = settings.slots_per_sandbox
+    warm = min(settings.warm_slots or per, per)
+    used = busy + waiting
+    full = math.ceil(used / per)
+    ready = min(full * per - used, warm)  # the free slots of the last sandbox in use
+    short = max(0, settings.headroom_slots - ready)
+    return full + math.ceil(short / warm)
 
 
 def still_in_use(live: Sequence[SandboxLoad], settings: PoolSettings, now: float) -> int:
@@ -58,7 +69,7 @@ def wanted_sandboxes(
     """The count to aim for, or None to leave it alone. ``live`` is lowest index first."""
     busy = sum(sandbox.busy_slots for sandbox in live)
     headroom = settings.headroom_slots
-    short = headroom > 0 and busy + headroom > len(live) * settings.slots_per_sandbox
+    short = headroom > 0 and demand(busy, 0, settings) > len(live)
     if waiting or short:
         needed = demand(busy, waiting, settings)
         if waiting:
@@ -73,9 +84,9 @@ def wanted_sandboxes(
 def sandboxes_wanted(
     live: Sequence[SandboxLoad], waiting: int, settings: PoolSettings, now: float
 ) -> int:
-    """The count the pool wants now, as one number: ``ceil((busy slots + waiting + headroom) /
-    slots per sandbox)``, never below a sandbox still in use (so that a scale-down to it never
-    stops a leased one), within min..max."""
+    """The count the pool wants now, as one number: ``demand`` (``ceil((busy slots + waiting
+    + headroom) / slots per sandbox)`` when every slot is warm), never below a sandbox still
+    in use (so that a scale-down to it never stops a leased one), within min..max."""
     busy = sum(sandbox.busy_slots for sandbox in live)
     wanted = max(demand(busy, waiting, settings), still_in_use(live, settings, now))
     return max(settings.min_sandboxes, min(settings.max_sandboxes, wanted))

@@ -131,6 +131,13 @@ class ExecutorSettings(BaseSettings):
     nomad_restart_attempts: int = Field(default=3, ge=0)
     nomad_restart_delay_s: float = Field(default=5.0, ge=0)
     nomad_service_name: str = "atropos-sandbox"
+    # Several executors of one Nomad job (count > 1) each own a pool: in an allocation (Nomad
+    # sets NOMAD_ALLOC_INDEX) the pool job is `<job_id>-<index>`, an index a replacement
+    # allocation keeps, so it adopts its predecessor's pool. False keeps `job_id` as it is.
+    job_id_per_alloc: bool = True
+    nomad_alloc_index: int | None = Field(
+        default=None, ge=0, validation_alias=AliasChoices("NOMAD_ALLOC_INDEX")
+    )
 
     # Prometheus metrics (docs/operations.md, "Metrics"): GET /metrics on the service's port
     # asks for the token; metrics_port also serves them without auth, on metrics_host.
@@ -141,6 +148,9 @@ class ExecutorSettings(BaseSettings):
     scaling: Literal["executor", "external"] = "executor"
     # Free slots the pool keeps ready beyond its leases and the calls waiting for one.
     headroom_slots: int = Field(default=0, ge=0)
+    # Free slots each sandbox keeps warm (agent started) ahead of demand; the others start on
+    # their first call. 0: all on demand; `slots` or more: all warm (docs/sandbox.md).
+    warm_slots: int = Field(default=32, ge=0)
 
     # Workspaces (docs/executor.md, "Preparing once, running many"): the largest archive an
     # upload or a template may be, and its most entries; every sandbox gets the same caps.
@@ -171,6 +181,23 @@ class ExecutorSettings(BaseSettings):
             )
         return self
 
+    @property
+    def pool_job_id(self) -> str:
+        """The pool job this executor registers, scales and names its journal after."""
+        if self.job_id_per_alloc and self.nomad_alloc_index is not None:
+            return f"{self.job_id}-{self.nomad_alloc_index}"
+        return self.job_id
+
+    @property
+    def pool_slot_uid_base(self) -> int:
+        """Where this executor's pool's slot uids start. Executors of one job keep their pools'
+        ranges apart (each sandbox adds its own allocation index): sandboxes in containers on
+        one node cannot see each other's claims."""
+        if self.job_id_per_alloc and self.nomad_alloc_index is not None:
+            pool_uids = self.max_containers * self.slots
+            return self.sandbox_slot_uid_base + self.nomad_alloc_index * pool_uids
+        return self.sandbox_slot_uid_base
+
     def pool(self) -> PoolSettings:
         return PoolSettings(
             slots_per_sandbox=self.slots,
@@ -183,6 +210,7 @@ class ExecutorSettings(BaseSettings):
             max_batch_size=self.max_batch_size,
             headroom_slots=self.headroom_slots,
             scaling=self.scaling,
+            warm_slots=self.warm_slots,
         )
 
     def connections(self) -> ConnectionBounds:
@@ -218,7 +246,7 @@ class ExecutorSettings(BaseSettings):
         # An executor started again at the same address (or on the same Nomad job) is the same
         # service to its trainers.
         if self.backend == "nomad":
-            identity: str | None = f"nomad-{self.job_id}"
+            identity: str | None = f"nomad-{self.pool_job_id}"
         else:
             identity = f"local-{self.port}" if self.port else None
         return JournalSettings(state_dir=self.state_dir, identity=identity)
@@ -241,7 +269,7 @@ class ExecutorSettings(BaseSettings):
             client_cert=self.nomad_client_cert,
             client_key=self.nomad_client_key,
             timeout_s=self.nomad_timeout_s,
-            job_id=self.job_id,
+            job_id=self.pool_job_id,
             image=self.image,
             driver=self.nomad_driver,
             privileged=self.privileged,
@@ -274,13 +302,14 @@ class ExecutorSettings(BaseSettings):
             "ATROPOS_SANDBOX_MAX_FILE_BYTES": str(self.sandbox_max_file_bytes),
             "ATROPOS_SANDBOX_DISK_MB": str(self.sandbox_disk_mb),
             "ATROPOS_SANDBOX_MAX_REQUEST_BYTES": str(self.max_request_bytes),
-            "ATROPOS_SANDBOX_SLOT_UID_BASE": str(self.sandbox_slot_uid_base),
+            "ATROPOS_SANDBOX_SLOT_UID_BASE": str(self.pool_slot_uid_base),
             "ATROPOS_SANDBOX_TERMINAL_OUTPUT": self.terminal_output,
             "ATROPOS_SANDBOX_JOB_TIMEOUT_S": f"{self.sandbox_job_timeout_s:g}",
             "ATROPOS_SANDBOX_UPLOAD_MAX_MB": str(self.upload_max_mb),
             "ATROPOS_SANDBOX_UPLOAD_MAX_ENTRIES": str(self.upload_max_entries),
             "ATROPOS_SANDBOX_LAYER_CACHE_MB": str(self.sandbox_layer_cache_mb),
             "ATROPOS_SANDBOX_WORKSPACE_LAYERS": self.sandbox_workspace_layers,
+            "ATROPOS_SANDBOX_WARM_SLOTS": str(self.warm_slots),
         }
 
 
@@ -302,6 +331,9 @@ class PoolSettings:
     headroom_slots: int = 0
     # "external": the count is set from outside (an autoscaler); the pool never asks for one.
     scaling: Literal["executor", "external"] = "executor"
+    # Free slots each sandbox keeps warm; the headroom counts only those (scaling.py). None:
+    # every slot (sandboxes that start all their slots).
+    warm_slots: int | None = None
 
 
 @dataclass(frozen=True)

@@ -89,30 +89,33 @@ class Transport(abc.ABC):
 
 
 class AiohttpResponse(Response):
-    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, url: str, read_timeout_s: float | None = None
+    ) -> None:
         self.response = response
         self.status = response.status
         self.url = url
+        self.read_timeout_s = read_timeout_s
 
     async def read(self) -> bytes:
         try:
             return await self.response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise unreachable(self.url, exc) from exc
+            raise unreachable(self.url, exc, self.read_timeout_s) from exc
 
     async def lines(self) -> AsyncIterator[bytes]:
         try:
             async for line in self.response.content:
                 yield line
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise unreachable(self.url, exc) from exc
+            raise unreachable(self.url, exc, self.read_timeout_s) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.response.content.iter_chunked(CHUNK_BYTES):
                 yield chunk
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise unreachable(self.url, exc) from exc
+            raise unreachable(self.url, exc, self.read_timeout_s) from exc
 
 
 class AiohttpTransport(Transport):
@@ -142,9 +145,9 @@ class AiohttpTransport(Transport):
                 timeout=timeout,
             )
             async with context as response:
-                yield AiohttpResponse(response, request.url)
+                yield AiohttpResponse(response, request.url, request.read_timeout_s)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise unreachable(request.url, exc) from exc
+            raise unreachable(request.url, exc, request.read_timeout_s) from exc
 
     async def close(self) -> None:
         if self.session is not None:
@@ -152,8 +155,14 @@ class AiohttpTransport(Transport):
             self.session = None
 
 
-def unreachable(url: str, exc: BaseException) -> SandboxUnavailable:
-    reason = str(exc) or "no answer in time"
+def unreachable(
+    url: str, exc: BaseException, read_timeout_s: float | None = None
+) -> SandboxUnavailable:
+    """What went wrong, never empty: a bare ``TimeoutError`` says which wait ran out."""
+    reason = str(exc)
+    if not reason and isinstance(exc, TimeoutError) and read_timeout_s is not None:
+        reason = f"nothing arrived within {read_timeout_s:g}s"
+    reason = reason or "no reason given"
     return SandboxUnavailable(f"sandbox at {url} did not answer: {type(exc).__name__}: {reason}")
 
 

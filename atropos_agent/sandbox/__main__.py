@@ -22,6 +22,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
     ("--port", "port", int, "port (default 8080; NOMAD_PORT_http when set)"),
     ("--slots", "slots", int, "number of slots (default 10)"),
+    ("--warm-slots", "warm_slots", int, "free slots kept started ahead of demand (default 32)"),
     (
         "--data-dir",
         "data_dir",

@@ -47,6 +47,8 @@ class SlotsState:
 
     # busy (running a call), idle, down (no agent: the next call starts it)
     by_state: Mapping[str, int]
+    # warm and cold (free, with or without an agent), leased (the others): warmer.py
+    readiness: Mapping[str, int]
     # Calls handed to slots and not answered yet (running or queued).
     pending: int
     # Agents that died or stopped answering during a call, over the server's life.
@@ -68,6 +70,15 @@ class SlotCollector(Collector):
         for name, count in state.by_state.items():
             by_state.add_metric([name], count)
         yield by_state
+        readiness = GaugeMetricFamily(
+            PREFIX + "slot_readiness",
+            "Slots by readiness: warm (free, agent started on a wiped workspace), cold (free, "
+            "no agent: the first call starts it), leased (an owner, or a call since the reset).",
+            labels=["state"],
+        )
+        for name, count in state.readiness.items():
+            readiness.add_metric([name], count)
+        yield readiness
         yield GaugeMetricFamily(
             PREFIX + "calls_pending",
             "Calls handed to slots and not answered yet (running or queued).",

@@ -132,6 +132,14 @@ class SandboxHealth(BaseModel):
     # How workspaces made of layers are built (protocol 5): "overlay" (copy-on-write) or
     # "copy"; None: a sandbox without workspaces.
     workspace_layers: Literal["overlay", "copy"] | None = None
+    # Slots by readiness (docs/sandbox.md, "Warm slots"): free with their agent started
+    # (warm), free without (cold), and the others (leased: an owner, or a call since their
+    # reset); ``warm_target`` is how many free slots the sandbox keeps warm. None: a sandbox
+    # that starts every slot before it is healthy (all free slots warm).
+    warm_slots: int | None = None
+    cold_slots: int | None = None
+    leased_slots: int | None = None
+    warm_target: int | None = None
 
 
 class SlotState(BaseModel):
@@ -150,6 +158,9 @@ class SlotState(BaseModel):
     network: bool | None = None
     # The lease last recorded on the slot (protocol 3); None: none since its last reset.
     owner: SlotLease | None = None
+    # Free with its agent started on a wiped workspace (docs/sandbox.md, "Warm slots"); None:
+    # a sandbox that does not say.
+    warm: bool | None = None
 
 
 class SlotsResponse(BaseModel):

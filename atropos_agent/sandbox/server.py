@@ -50,6 +50,7 @@ from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.sandbox.slot import Call, Slot, wipe_dir
 from atropos_agent.sandbox.tools import SANDBOX_TOOLS
 from atropos_agent.sandbox.uploads import Uploads
+from atropos_agent.sandbox.warmer import Warmer
 from atropos_agent.sandbox.workspaces import Workspaces
 from atropos_agent.web import SafeJsonAdapter
 
@@ -64,8 +65,6 @@ STREAMED: SafeJsonAdapter[StreamedResult] = SafeJsonAdapter(StreamedResult)
 ITEMS = TypeAdapter(list[BatchItem])
 # An admitted batch entry: a call to run, or the failed result of an item that cannot run.
 Admitted = BatchItem | BatchResult
-# Slot agents started at once per core when the server starts (see ``Sandbox.start``).
-STARTS_PER_CPU = 4
 
 
 def call_key(item: BatchItem) -> tuple[str | None, int]:
@@ -153,6 +152,8 @@ class Sandbox:
         self.workspaces = Workspaces(settings, self.data_dir)
         self.metrics = SandboxMetrics(settings.isolation)
         self.metrics.watch(self.slots_state)
+        # Keeps ``warm_target`` free slots' agents started (made with the slots).
+        self.warmer: Warmer | None = None
 
     # ---- life cycle
 
@@ -196,27 +197,26 @@ class Sandbox:
             )
             for i in range(self.settings.slots)
         }
+        self.warmer = Warmer(list(self.slots.values()), self.settings.warm_target)
         self.prepared = True
 
     async def start(self) -> None:
+        """Ready once the data dir is laid out and isolation is known to work: slots' agents
+        start in the background (``warmer.py``), or on their first call."""
         await asyncio.to_thread(self.prepare)
-        # A few agents per core at once: more only queue for the CPU, and each agent's start
-        # deadline would count the others' time (1,024 slots on 2 busy cores then time out).
-        starting = asyncio.Semaphore(max(1, (os.cpu_count() or 1) * STARTS_PER_CPU))
-
-        async def start(slot: Slot) -> None:
-            async with starting:
-                await slot.start()
-
-        await asyncio.gather(*(start(slot) for slot in self.slots.values()))
+        assert self.warmer is not None
+        self.warmer.start()
         log.info(
-            "event=sandbox_ready slots=%d isolation=%s data_dir=%s",
+            "event=sandbox_ready slots=%d warm_target=%d isolation=%s data_dir=%s",
             len(self.slots),
+            self.settings.warm_target,
             self.settings.isolation,
             self.data_dir,
         )
 
     async def stop(self) -> None:
+        if self.warmer is not None:
+            await self.warmer.stop()
         # Calls still running had their grace from the HTTP server's own shutdown; their
         # slots are stopping now, so they end with them.
         for task in self.tasks:
@@ -459,6 +459,7 @@ class Sandbox:
     # ---- descriptions
 
     def health(self) -> SandboxHealth:
+        readiness = self.warmer.counts() if self.warmer is not None else {}
         return SandboxHealth(
             status="ok",
             slots=len(self.slots),
@@ -470,6 +471,10 @@ class Sandbox:
             uptime_s=round(time.time() - self.started_at, 3),
             instance_id=self.instance_id,
             workspace_layers=self.workspaces.mode if self.prepared else None,
+            warm_slots=readiness.get("warm"),
+            cold_slots=readiness.get("cold"),
+            leased_slots=readiness.get("leased"),
+            warm_target=self.settings.warm_target,
         )
 
     def describe_slots(self) -> SlotsResponse:
@@ -483,6 +488,7 @@ class Sandbox:
             states["busy" if slot.busy else "idle" if alive else "down"] += 1
         return SlotsState(
             by_state=states,
+            readiness=self.warmer.counts() if self.warmer is not None else {},
             pending=sum(slot.pending for slot in self.slots.values()),
             restarts=sum(slot.restarts for slot in self.slots.values()),
         )

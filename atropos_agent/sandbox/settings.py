@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from atropos_agent.errors import SandboxStartError
 
 MIB = 1024 * 1024
+# An idle slot costs about 5 MiB (PSS): 32 warm ones, some 160 MiB per sandbox.
+DEFAULT_WARM_SLOTS = 32
 
 
 def default_data_dir() -> Path | None:
@@ -38,6 +40,10 @@ class SandboxSettings(BaseSettings):
         validation_alias=AliasChoices("NOMAD_PORT_http", "ATROPOS_SANDBOX_PORT"),
     )
     slots: int = Field(default=10, ge=1, le=4096)
+    # Free slots kept warm (agent started on a wiped workspace) ahead of demand; the others
+    # start on their first call. 0: every slot on demand; slots or more: all warm.
+    # docs/sandbox.md, "Warm slots".
+    warm_slots: int = Field(default=DEFAULT_WARM_SLOTS, ge=0)
     data_dir: Path | None = Field(default_factory=default_data_dir)
     isolation: Literal["bwrap", "none"] = "bwrap"
     allow_network: bool = True
@@ -78,6 +84,11 @@ class SandboxSettings(BaseSettings):
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s must not exceed max_timeout_s")
         return self
+
+    @property
+    def warm_target(self) -> int:
+        """How many free slots are kept warm: ``warm_slots``, at most every slot."""
+        return min(self.warm_slots, self.slots)
 
     @property
     def memory_bytes(self) -> int:

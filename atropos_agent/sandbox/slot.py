@@ -15,6 +15,11 @@ in the loop that supervises the running command. Calls queued behind it run as t
 A slot may have an owner: the lease an executor recorded on it (a batch item's ``lease``, or
 ``POST /slots/owner``), kept so that an executor started again can learn who held the slot.
 The slot only keeps and shows it; a reset clears it.
+
+A slot is *free* from its reset (or the server's start) until it gets an owner or runs a call.
+A free slot is *warm* when its agent runs (fresh, on the wiped workspace) and *cold* when it has
+none: a reset wipes and stops, and whether the agent starts again before the next call is the
+warmer's choice (``warmer.py``), told through ``on_free`` and ``on_taken``.
 """
 
 from __future__ import annotations
@@ -202,6 +207,12 @@ class Slot:
         self.layered: LayeredWorkspace | None = None
         # ``calls`` when the agent last started: a slot that ran nothing since is fresh.
         self.calls_at_start = 0
+        # ``calls`` when the workspace was last wiped: a slot that ran nothing since is free.
+        self.calls_at_wipe = 0
+        # Told when the slot becomes free (after a reset) and when a free slot is taken (an
+        # owner, or its first call): the warmer's cues (``warmer.py``).
+        self.on_free: Callable[[Slot], None] | None = None
+        self.on_taken: Callable[[Slot], None] | None = None
 
     # ---- life cycle
 
@@ -281,15 +292,57 @@ class Slot:
             await asyncio.to_thread(kill_uid_processes, self.uid)
 
     async def reset(self) -> None:
-        """Kill every process of the slot, wipe its workspace and /tmp, start it as new (in
-        the server's network mode)."""
+        """Kill every process of the slot and wipe its workspace and /tmp: the slot is free,
+        cold, in the server's network mode. Its agent starts again when the warmer warms it
+        or when its next call comes, whichever is first (both under the slot's lock)."""
         async with self.lock:
             self.set_owner(None)
             self.recent.clear()
             await self.stop()
             await self.drop_workspace()
             self.lost_reason = None
+            self.network = self.settings.allow_network
+            self.calls_at_wipe = self.calls
+        if self.on_free is not None:
+            self.on_free(self)
+
+    # ---- warm and cold (``warmer.py``)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def free(self) -> bool:
+        """Whether the slot holds nothing of anyone: no owner, no layers, no call since its
+        workspace was wiped."""
+        return self.owner is None and self.layered is None and self.calls == self.calls_at_wipe
+
+    def warm(self) -> bool:
+        """Free, and its agent runs fresh: a first call costs what a later one does."""
+        return self.free() and self.fresh()
+
+    def cold(self) -> bool:
+        """Free, and no agent: the first call (or the warmer) starts one."""
+        return self.free() and not self.alive()
+
+    async def warm_up(self) -> bool:
+        """Start the agent of a free slot that has none; False when the slot was taken or
+        started meanwhile (a call got its lock first)."""
+        async with self.lock:
+            if not self.cold():
+                return False
+            if self.process is not None:  # died while idle
+                await self._kill()
             await self.start(self.settings.allow_network)
+            return True
+
+    async def cool_down(self) -> bool:
+        """Stop the agent of a warm slot (its files were wiped and it ran nothing since);
+        False when the slot was taken meanwhile."""
+        async with self.lock:
+            if not self.warm():
+                return False
+            await self.stop()
+            return True
 
     # ---- workspaces made of layers (``layered.py``)
 
@@ -467,6 +520,8 @@ class Slot:
             reasons.append(network_changed(self.network))
         if call.before_send is not None:
             call.before_send()
+        if self.calls == self.calls_at_wipe and self.on_taken is not None:
+            self.on_taken(self)  # the first call since the wipe: the slot is no longer free
         self.calls += 1
         self.answering = True
         result: dict[str, Any] | None = None
@@ -530,6 +585,8 @@ class Slot:
         """Record who holds the slot (None: nobody). On the hot path (a call that carries its
         lease) this is one comparison: the owner rarely changes."""
         if lease != self.owner:
+            if lease is not None and self.on_taken is not None and self.free():
+                self.on_taken(self)
             self.owner = lease
             log.info(
                 "event=slot_owner slot=%s trajectory=%s",
@@ -573,4 +630,5 @@ class Slot:
             started_at=self.started_at,
             network=self.network,
             owner=self.owner,
+            warm=self.warm(),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import pytest
 from atropos_agent.errors import NoFreeSlot
 from atropos_agent.executor.pool import Pool
 from atropos_agent.executor.scaling import wanted_sandboxes
+from atropos_agent.executor.transport import MockResponse, MockTransport, Request
 from tests.unit.fakes import FakeBackend, FakeCluster, pool_settings, run
 
 
@@ -211,3 +213,54 @@ class Load:
 def test_wanted_sandboxes(live: list[Load], waiting: int, wanted: int | None) -> None:
     settings = pool_settings(min_sandboxes=1, max_sandboxes=3, scale_down_idle_s=10.0)
     assert wanted_sandboxes(live, waiting, settings, now=100.0) == wanted
+
+
+def test_a_failed_reset_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = FakeCluster()
+
+    async def reset_answers_nothing(request: Request) -> MockResponse:
+        if request.url.endswith("/reset"):
+            return MockResponse(500, b"")
+        return await cluster.handle(request)
+
+    pool = Pool(pool_settings(), FakeBackend(cluster), MockTransport(reset_answers_nothing))
+
+    async def scenario() -> None:
+        await pool.start()
+        await pool.release(await pool.acquire("t1", 1.0))
+        await pool.stop()
+
+    with caplog.at_level(logging.ERROR, logger="atropos.pool"):
+        run(scenario())
+    (failed,) = [r.getMessage() for r in caplog.records if "slot_reset_failed" in r.getMessage()]
+    assert failed.endswith("error=sandbox at http://sandbox-0 answered 500: an empty body")
+
+
+def test_a_sandbox_two_syncs_find_at_once_is_admitted_once() -> None:
+    """A health tick and a scale-up's polling may both find a new sandbox; a second admission
+    must not replace the first, whose slots may already be leased."""
+    cluster = FakeCluster()
+    delays = [0.0, 0.05]  # the first sync's admission answers at once, the second's later
+
+    async def answer(request: Request) -> MockResponse:
+        if request.url == "http://sandbox-1/health":
+            await asyncio.sleep(delays.pop(0))
+        return await cluster.handle(request)
+
+    backend = FakeBackend(cluster)
+    pool = Pool(pool_settings(min_sandboxes=1, max_sandboxes=2), backend, MockTransport(answer))
+
+    async def scenario() -> None:
+        await pool.start()
+        backend.launch()
+        first = asyncio.create_task(pool.sync())
+        second = asyncio.create_task(pool.sync())
+        await first
+        leases = [await pool.acquire(f"t{i}", 1.0) for i in range(4)]
+        await second
+        assert len({(lease.sandbox.sandbox_id, lease.slot_id) for lease in leases}) == 4
+        with pytest.raises(NoFreeSlot):
+            await pool.acquire("t4", 0.2)
+        await pool.stop()
+
+    run(scenario())

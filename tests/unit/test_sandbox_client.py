@@ -9,7 +9,7 @@ import pytest
 
 from atropos_agent.errors import ProtocolMismatch, SandboxUnavailable
 from atropos_agent.executor.sandbox_client import SandboxClient
-from atropos_agent.executor.transport import MockResponse, MockTransport, Request
+from atropos_agent.executor.transport import MockResponse, MockTransport, Request, unreachable
 from atropos_agent.sandbox.protocol import PROTOCOL_VERSION, SlotArtifactReadRequest, SlotLease
 from tests.unit.fakes import TOKEN, FakeCluster, run
 
@@ -137,3 +137,22 @@ def test_a_protocol_2_sandbox_has_no_cancel_route() -> None:
     client = SandboxClient("http://v2", MockTransport(answer))
     with pytest.raises(SandboxUnavailable, match="answered 404: Not Found"):
         run(client.cancel("slot_0"))
+
+
+def test_a_reset_answered_with_an_empty_body_still_says_why() -> None:
+    async def empty(request: Request) -> MockResponse:
+        return MockResponse(500, b"")
+
+    client = SandboxClient("http://sandbox-0", MockTransport(empty))
+    with pytest.raises(SandboxUnavailable, match=r"answered 500: an empty body$"):
+        run(client.reset("slot_0"))
+
+
+def test_a_bare_timeout_names_its_type_and_the_wait_that_ran_out() -> None:
+    unanswered = unreachable("http://sandbox-0/reset", TimeoutError(), 60.0)
+    assert unanswered.message == (
+        "sandbox at http://sandbox-0/reset did not answer: TimeoutError: nothing arrived within 60s"
+    )
+    assert unreachable("http://sandbox-0/reset", OSError()).message.endswith(
+        "OSError: no reason given"
+    )

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -65,10 +66,26 @@ class Child:
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 15) -> str:
+        """Its log's last lines, or why there are none: never an empty reason."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"its log {self.log_path.name} cannot be read ({exc.strerror or exc})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        if not tail.strip():
+            return f"its log {self.log_path.name} is empty"
+        return f"its log {self.log_path.name} ends:\n{tail}"
+
+    def exit_reason(self) -> str | None:
+        status = self.process.returncode
+        if status is None:
+            return None
+        if status < 0:
+            try:
+                return f"it was killed by {signal.Signals(-status).name}"
+            except ValueError:
+                return f"it was killed by signal {-status}"
+        return f"it exited with status {status}"
 
 
 class LocalBackend(Backend):
@@ -99,7 +116,11 @@ class LocalBackend(Backend):
         results = await asyncio.gather(
             *(self._start_child(index) for index in range(count)), return_exceptions=True
         )
-        errors = [str(result) for result in results if isinstance(result, BaseException)]
+        errors = [
+            str(result) or type(result).__name__
+            for result in results
+            if isinstance(result, BaseException)
+        ]
         if errors:
             await self.stop()
             raise BackendError("local sandboxes failed to start: " + " | ".join(errors))
@@ -134,7 +155,7 @@ class LocalBackend(Backend):
             )
             for result in results:
                 if isinstance(result, BaseException):
-                    log.error("event=scale_up_failed error=%s", result)
+                    log.error("event=scale_up_failed error=%s", str(result) or repr(result))
         elif count < len(running):
             removable = [c for c in reversed(running) if c.sandbox_id in idle]
             doomed = removable[: len(running) - count]
@@ -230,16 +251,22 @@ class LocalBackend(Backend):
 
     async def _wait_ready(self, child: Child) -> None:
         async def exited() -> str | None:
-            status = child.process.returncode
-            return None if status is None else f"it exited with status {status}"
+            return child.exit_reason()
 
         try:
             await SandboxClient(child.url, self.transport).wait_until_healthy(
                 self.settings.start_timeout_s, exited
             )
         except SandboxUnavailable as exc:
+            # A sandbox still starting logs nothing (its log level is warning): say it runs.
+            running = (
+                f"; it is still running (pid {child.process.pid}): if it only starts slowly, "
+                "raise TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S"
+                if child.process.returncode is None
+                else ""
+            )
             raise BackendError(
-                f"sandbox {child.index} did not start: {exc.message}\n{child.log_tail()}"
+                f"sandbox {child.index} did not start: {exc.message}{running}; {child.log_tail()}"
             ) from None
 
     async def _watch(self, child: Child) -> None:
@@ -255,7 +282,7 @@ class LocalBackend(Backend):
             self.children.pop(child.index, None)
             self.failed[child.index] = (
                 f"sandbox {child.index} died {len(recent)} times within {RESTART_WINDOW_S:.0f}s; "
-                f"not restarted. Last output:\n{child.log_tail()}"
+                f"not restarted ({child.exit_reason()}); {child.log_tail()}"
             )
             log.error("event=sandbox_given_up index=%d", child.index)
             return

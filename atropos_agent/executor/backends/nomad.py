@@ -205,12 +205,14 @@ class NomadBackend(Backend):
         deadline = time.monotonic() + self.settings.start_timeout_s
         while True:
             healthy = 0
-            for info in await self.sandboxes():
+            listed = await self.sandboxes()
+            last = f"Nomad lists {len(listed)} running allocations"
+            for info in listed:
                 try:
                     await SandboxClient(info.url, self.transport).health()
                     healthy += 1
-                except SandboxUnavailable:
-                    pass
+                except SandboxUnavailable as exc:
+                    last = exc.message
             if healthy >= count:
                 return
             reason = await self.why_not_running()
@@ -221,7 +223,8 @@ class NomadBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError(
                     f"{healthy} of {count} sandboxes healthy after "
-                    f"{self.settings.start_timeout_s:g}s (job {self.job_id})"
+                    f"{self.settings.start_timeout_s:g}s (job {self.job_id}): {last}; if they "
+                    "only start slowly, raise TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S"
                 )
             await asyncio.sleep(0.5)
 
