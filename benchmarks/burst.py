@@ -10,7 +10,8 @@ would drive the service; ``echo hi`` through ``POST /execute``):
    until ``/health`` answers 200 with every sandbox in the pool.
 2. For warm slots **on** (``TOOL_EXECUTOR_WARM_SLOTS`` = ``--slots``: every slot kept ready)
    and **off** (0: each slot starts on its first call), an executor with that pool:
-   - **bursts**: N new trajectories send their first call at once: seconds until the last
+   - **bursts**: N new trajectories send their first call at once (on connections the
+     client already holds, as a running trainer's does): seconds until the last
      first answer, and the first calls' p50; then each makes ``--calls`` more calls, whose
      p50 is the steady state. Released, then the pool is let settle (free and warm again).
    - **throughput**: calls/s of L concurrent trajectories (each already holding its slot)
@@ -197,10 +198,18 @@ async def full_path_rate(client: JsonClient, trajectories: int, seconds: float, 
     return rate
 
 
+async def open_connections(client: JsonClient, count: int) -> None:
+    """``count`` connections opened and kept (``GET /health`` at once): a trainer's client
+    that has been running holds its connections, and a burst of new trajectories is not a
+    burst of new connections."""
+    await asyncio.gather(*(client.get("/health") for _ in range(count)))
+
+
 async def warm_case(args: argparse.Namespace, warm: int) -> dict[str, Any]:
     server = start(args.sandboxes, args.slots, warm)
     client = JsonClient(server.url, TOKEN)
     try:
+        await open_connections(client, max([*args.bursts, *args.levels]))
         await settle(client, warm)
         bursts: dict[str, list[dict[str, float]]] = {str(size): [] for size in args.bursts}
         rates: dict[str, list[float]] = {str(level): [] for level in args.levels}
@@ -226,6 +235,7 @@ async def warm_case(args: argparse.Namespace, warm: int) -> dict[str, Any]:
     report: dict[str, Any] = {
         "warm_slots_per_sandbox": warm,
         "bursts": {size: median_of(runs) for size, runs in bursts.items()},
+        "bursts_rounds": bursts,
         "calls_per_s": {level: round(statistics.median(r), 1) for level, r in rates.items()},
         "calls_per_s_rounds": {level: [round(x, 1) for x in r] for level, r in rates.items()},
     }

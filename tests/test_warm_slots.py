@@ -7,10 +7,12 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
+from atropos_agent.executor.sandbox_client import HEALTH_TIMEOUT_S
 from harness.servers import ExecutorServer, SandboxServer
 from tests.executor_support import release, trajectory_info, wait_for
 from tests.test_metrics import scrape
@@ -181,3 +183,23 @@ def test_an_executor_leases_warm_slots_first_and_they_come_back_clean(
     assert shell["output"].strip() == "env=", shell
     gone = server.call("new", "python_stateful", code="print(secret)")
     assert not gone["success"], gone
+
+
+def test_a_burst_on_cold_slots_leaves_the_server_answering_its_health_checks(
+    sandbox_factory: Callable[..., SandboxServer],
+) -> None:
+    """Agents start a few per core at once, whoever starts them: 48 first calls on cold slots
+    at once neither fail nor keep ``/health`` from answering within the executor's timeout."""
+    slots = 48
+    server = sandbox_factory(slots=slots, env={"ATROPOS_SANDBOX_WARM_SLOTS": "0"})
+    with ThreadPoolExecutor(slots) as pool:
+        calls = [pool.submit(server.sh, f"slot_{n}", f"echo {n}") for n in range(slots)]
+        slowest = 0.0
+        while not all(call.done() for call in calls):
+            began = time.monotonic()
+            assert server.client.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.05)
+        outputs = [call.result()["output"].strip() for call in calls]
+    assert outputs == [str(n) for n in range(slots)]
+    assert slowest < HEALTH_TIMEOUT_S

@@ -21,6 +21,10 @@ from atropos_agent.errors import ExecutorUnreachable
 
 # How long an executor that refused a connection is skipped before it is tried again.
 DOWN_S = 5.0
+# Pins kept at most: a trainer that never releases must not grow the client without bound.
+# Past it the oldest pin goes; that trajectory is then routed by its hash again, which is
+# where it was unless the executor set changed meanwhile.
+MAX_PINS = 200_000
 
 
 def score(url: str, trajectory_id: str) -> int:
@@ -93,6 +97,8 @@ class Router:
 
     def pin(self, trajectory_id: str, url: str, group: str | None = None) -> None:
         self.pins.setdefault(trajectory_id, url)
+        if len(self.pins) > MAX_PINS:
+            self.unpin(next(iter(self.pins)))
         if group is not None:
             self.groups.setdefault(trajectory_id, group)
 

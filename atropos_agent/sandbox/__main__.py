@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,6 +19,10 @@ from atropos_agent.sandbox import mounts
 from atropos_agent.sandbox.app import create_app
 from atropos_agent.sandbox.settings import SandboxSettings
 from atropos_agent.web import describe_settings_error
+
+# How often the parent is looked for, and how long a graceful stop may take once it is gone.
+PARENT_POLL_S = 1.0
+PARENT_GONE_STOP_S = 30.0
 
 FLAGS: list[tuple[str, str, type, str]] = [
     ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
@@ -102,13 +108,30 @@ def parse_args(argv: list[str] | None) -> tuple[dict[str, Any], str]:
 
 
 def exit_with_parent(parent_pid: int) -> None:
-    """Get SIGTERM when the parent dies, so a killed executor leaves no sandbox behind."""
+    """Get SIGTERM when the parent dies, so a killed executor leaves no sandbox behind.
+
+    The kernel's signal (``PR_SET_PDEATHSIG``) can be missed: it follows the parent thread
+    that started us, and a SIGTERM that lands while the server is between its own start-up
+    and its handlers is lost. So a thread also watches the parent, and stops the server the
+    same way when it is gone, then for good if a graceful stop does not end it."""
     import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         sys.exit("atropos-sandbox: parent process is gone")
+    threading.Thread(
+        target=watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
+    ).start()
+
+
+def watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    logging.getLogger("atropos.sandbox").warning("event=parent_gone parent_pid=%d", parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(PARENT_GONE_STOP_S)
+    os._exit(1)  # the graceful stop did not end us: the slots die with us (bwrap's die-with-parent)
 
 
 def main(argv: list[str] | None = None) -> None:

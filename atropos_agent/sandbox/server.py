@@ -63,6 +63,10 @@ RESULTS: SafeJsonAdapter[list[BatchResult]] = SafeJsonAdapter(list[BatchResult])
 RESULT: SafeJsonAdapter[BatchResult] = SafeJsonAdapter(BatchResult)
 STREAMED: SafeJsonAdapter[StreamedResult] = SafeJsonAdapter(StreamedResult)
 ITEMS = TypeAdapter(list[BatchItem])
+# Slot agents starting at once, per core, whoever starts them (the warmer, calls on cold
+# slots): more only queue for the CPU, and a burst of a hundred starts would leave the server
+# no CPU to answer its health checks (its executor would take it for dead).
+STARTS_PER_CPU = 2
 # An admitted batch entry: a call to run, or the failed result of an item that cannot run.
 Admitted = BatchItem | BatchResult
 
@@ -191,9 +195,16 @@ class Sandbox:
             )
         self.workspaces.prepare(self.uid_for(0))
         copy_on_write = self.workspaces.mode == "overlay"
+        starts = asyncio.Semaphore(max(1, (os.cpu_count() or 1) * STARTS_PER_CPU))
         self.slots = {
             f"slot_{i}": Slot(
-                i, self.uid_for(i), self.settings, self.data_dir, self.runtime_dir, copy_on_write
+                i,
+                self.uid_for(i),
+                self.settings,
+                self.data_dir,
+                self.runtime_dir,
+                copy_on_write,
+                starts,
             )
             for i in range(self.settings.slots)
         }

@@ -169,9 +169,13 @@ class Slot:
         data_dir: Path,
         runtime_dir: Path,
         copy_on_write: bool = False,
+        starts: asyncio.Semaphore | None = None,
     ):
         self.index = index
         self.slot_id = f"slot_{index}"
+        # The sandbox's gate on agents starting at once (``server.STARTS_PER_CPU``): a burst
+        # of calls on cold slots must not starve the server itself (its health checks) of CPU.
+        self.starts = starts
         self.settings = settings
         self.runtime_dir = runtime_dir
         root = data_dir / "slots" / self.slot_id
@@ -231,6 +235,20 @@ class Slot:
         launch = launch_for(
             self.settings, self.uid, self.paths, self.runtime_dir, self.network, disk
         )
+        async with self.starts or contextlib.nullcontext():
+            await self._spawn_agent(launch)
+        self.started_at = time.time()
+        self.calls_at_start = self.calls
+        log.debug(
+            "event=slot_started slot=%s pid=%s network=%s",
+            self.slot_id,
+            self.process.pid if self.process is not None else None,
+            self.network,
+        )
+
+    async def _spawn_agent(self, launch: Launch) -> None:
+        """Spawn the agent and wait for its ready message (its deadline counts from the
+        spawn, not from the wait for a turn at the sandbox's start gate)."""
         self.process = await self._spawn(launch)
         try:
             ready = await asyncio.wait_for(self._receive(), AGENT_START_TIMEOUT_S)
@@ -243,14 +261,6 @@ class Slot:
         if not ready.get("ready"):
             await self._kill()
             raise SandboxStartError(f"{self.slot_id}: unexpected first message from agent: {ready}")
-        self.started_at = time.time()
-        self.calls_at_start = self.calls
-        log.debug(
-            "event=slot_started slot=%s pid=%s network=%s",
-            self.slot_id,
-            self.process.pid,
-            self.network,
-        )
 
     async def _spawn(self, launch: Launch) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from atropos_agent.client import ExecutorClient
+from atropos_agent.client import ExecutorClient, routing
 from atropos_agent.client.routing import DOWN_S, Router, ranked
 from atropos_agent.client.transport import Answer, MockTransport, Request
 from atropos_agent.errors import ExecutorUnreachable
@@ -234,3 +234,11 @@ def test_no_executor_registered_is_a_clear_error() -> None:
     with client, pytest.raises(ExecutorUnreachable) as none:
         client.execute("a", "terminal")
     assert "no executor is registered in Nomad as service 'tools'" in none.value.message
+
+
+def test_pins_are_bounded_and_the_oldest_goes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "MAX_PINS", 3)
+    router = routing.Router(["http://a", "http://b"])
+    for n in range(5):
+        router.pin(f"t{n}", "http://a")
+    assert list(router.pins) == ["t2", "t3", "t4"]
