@@ -229,7 +229,12 @@ def test_jobs_are_capped_per_slot_and_a_reset_kills_them(sandbox: SandboxServer)
     call(sandbox, "slot_2", "background_kill", task_id=ids[0])
     start_job(sandbox, "slot_2", f"sleep {marker}99")
 
-    assert len(host_processes_matching(f"sleep {marker}")) == MAX_RUNNING
+    # The killed job's process goes and the new one's comes as the kernel gets to them.
+    wait_for(
+        lambda: len(host_processes_matching(f"sleep {marker}")) == MAX_RUNNING,
+        5,
+        f"{MAX_RUNNING} jobs running",
+    )
     reset(sandbox, "slot_2")
     wait_for(lambda: not host_processes_matching(f"sleep {marker}"), 5, "the reset's kill")
     gone = call(sandbox, "slot_2", "check_background", task_id=ids[1])
