@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks.common import QUIET, machine_summary
-from harness.servers import start_executor
+from harness.servers import ExecutorServer, start_executor
 
 KINDS = ("aiohttp", "async", "sync", "httpx")
 TARGET_CPU_MS = 0.5
@@ -263,12 +263,15 @@ def main() -> None:
         "TOOL_EXECUTOR_WARM_SLOTS": "64",
         "TOOL_EXECUTOR_SANDBOX_START_TIMEOUT_S": "240",
         "TOOL_EXECUTOR_ACQUIRE_TIMEOUT_S": "120",
+        # The pool's warm counts come with each health check: often, to see them settle.
+        "TOOL_EXECUTOR_HEALTH_INTERVAL_S": "1",
     }
     started = time.monotonic()
     server = start_executor(env=env, defaults={}, args=QUIET, timeout_s=300)
     results: dict[str, dict[str, Any]] = {}
     try:
         assert server.token is not None
+        settle(server)
         for concurrency in args.concurrency:
             runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
             for _ in range(args.repeats):
@@ -276,12 +279,25 @@ def main() -> None:
                     runs[kind].append(
                         run_client(kind, server.url, server.token, concurrency, args.calls)
                     )
-                    time.sleep(1)  # released slots reset in the background
+                    settle(server)
             for kind, kind_runs in runs.items():
                 results[f"{kind}@{concurrency}"] = median_of(kind_runs)
     finally:
         server.stop()
     report(results, args, time.monotonic() - started)
+
+
+def settle(server: ExecutorServer, timeout_s: float = 120.0) -> None:
+    """Wait until every slot is free and warm again (released slots are reset, then warmed,
+    in the background): each run starts from the same pool, and its tail is the client's."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pool = server.status()["pool"]
+        warm = pool["slots_by_readiness"]["warm"]
+        if pool["free_slots"] == pool["total_slots"] and warm == pool["total_slots"]:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the pool did not settle (every slot free and warm) within {timeout_s:g} s")
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
