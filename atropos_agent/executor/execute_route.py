@@ -12,7 +12,7 @@ The route stays declared in ``app.py`` for the OpenAPI schema and for such bodie
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
 
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -116,7 +116,7 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def watch_disconnect(receive: Receive, cancel: Any) -> None:
+async def watch_disconnect(receive: Receive, cancel: Callable[[], None]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     cancel()
